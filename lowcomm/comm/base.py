@@ -1,0 +1,254 @@
+"""The transport protocol every strategy talks to, its errors, handles and byte ledger.
+
+A transport moves tensors between the members of a run. Every operation is
+non-blocking: it returns a :class:`Handle` whose ``wait(timeout)`` gives the result or
+raises a :class:`CommError`. Operations are *atomic across survivors*: either every live
+participant sees success, or every one sees the same failure (the transport runs a
+commit round), so an outer optimizer can roll back without disagreeing with its peers.
+
+Three implementations exist: :mod:`lowcomm.comm.local` (threads in one process, with
+fault injection), :mod:`lowcomm.comm.torchdist` (torch.distributed, fail-stop) and
+:mod:`lowcomm.comm.zmq` (peers over ZeroMQ, survives churn).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "ByteLedger",
+    "CommError",
+    "CommTimeout",
+    "Handle",
+    "OpRecord",
+    "PeerLost",
+    "Transport",
+    "check_transport",
+    "tensor_nbytes",
+]
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds an operation may wait without completing before it fails (every wait has one)."""
+
+
+class CommError(RuntimeError):
+    """A collective operation failed; the caller should roll back and carry on."""
+
+
+class PeerLost(CommError):
+    """One or more peers died or stalled during an operation.
+
+    ``lost`` names the member ids that were lost (may be empty when the cause is unknown).
+    """
+
+    def __init__(self, lost: Sequence[int] = (), message: str | None = None):
+        self.lost = sorted(set(int(x) for x in lost))
+        super().__init__(message or f"lost peer(s) {self.lost} during a collective operation")
+
+
+class CommTimeout(PeerLost):
+    """An operation made no progress before its deadline."""
+
+
+def tensor_nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes the raw contents of ``tensors`` occupy on the wire."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class OpRecord:
+    """What one operation put on the wire, as seen by one worker."""
+
+    op_id: int
+    kind: str  # "all_reduce" | "all_gather" | "group_reduce" | "broadcast" | ...
+    participants: int  # members taking part (W for collectives, n for a group)
+    bytes_sent: int = 0
+    bytes_by_peer: dict[int, int] = field(default_factory=dict)
+    messages: int = 0
+    ok: bool | None = None  # None while running, then committed or not
+    tag: str = ""  # free-form annotation by the caller (e.g. "fragment 1")
+
+
+class ByteLedger:
+    """Counts every byte a worker frames for the wire, per operation and per peer.
+
+    Transports call :meth:`begin` when an operation starts and :meth:`add` for every
+    message they send; benchmarks read :attr:`records` and the totals. Nothing here
+    estimates: a count is only ever the size of a buffer that was actually sent.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.records: list[OpRecord] = []
+
+    def begin(self, kind: str, participants: int, tag: str = "") -> OpRecord:
+        with self._lock:
+            rec = OpRecord(op_id=len(self.records), kind=kind, participants=participants, tag=tag)
+            self.records.append(rec)
+            return rec
+
+    def add(self, rec: OpRecord, peer: int, nbytes: int) -> None:
+        with self._lock:
+            rec.bytes_sent += nbytes
+            rec.bytes_by_peer[peer] = rec.bytes_by_peer.get(peer, 0) + nbytes
+            rec.messages += 1
+
+    @property
+    def ops(self) -> int:
+        """Number of operations started."""
+        return len(self.records)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Total bytes this worker put on the wire."""
+        return sum(r.bytes_sent for r in self.records)
+
+    def by_kind(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.kind] = out.get(r.kind, 0) + r.bytes_sent
+        return out
+
+    def by_peer(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.records:
+            for p, n in r.bytes_by_peer.items():
+                out[p] = out.get(p, 0) + n
+        return out
+
+    def count(self, kind: str | None = None) -> int:
+        return sum(1 for r in self.records if kind is None or r.kind == kind)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "ops": self.ops,
+            "bytes_sent": self.bytes_sent,
+            "by_kind": self.by_kind(),
+            "by_peer": {str(k): v for k, v in self.by_peer().items()},
+        }
+
+
+class Handle:
+    """The pending result of a non-blocking operation.
+
+    ``wait(timeout)`` returns the result, or raises the operation's :class:`CommError`;
+    a wait that outlives ``timeout`` seconds raises :class:`CommTimeout`.
+    """
+
+    def __init__(self, future: Future, record: OpRecord | None = None, default_timeout: float = DEFAULT_TIMEOUT):
+        self._future = future
+        self.record = record
+        self._default_timeout = default_timeout
+
+    @classmethod
+    def completed(cls, value: Any, record: OpRecord | None = None) -> Handle:
+        f: Future = Future()
+        f.set_result(value)
+        if record is not None and record.ok is None:
+            record.ok = True
+        return cls(f, record)
+
+    @property
+    def op_id(self) -> int | None:
+        return None if self.record is None else self.record.op_id
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        t = self._default_timeout if timeout is None else timeout
+        try:
+            return self._future.result(timeout=t)
+        except _FutureTimeout:
+            raise CommTimeout((), f"operation did not complete within {t:.1f}s") from None
+
+
+class Transport(abc.ABC):
+    """The protocol every transport implements (see the module docstring).
+
+    Members are identified by integer *member ids*. On fixed-membership transports
+    (local, torch.distributed) the member id of a worker is its rank; on the ZeroMQ
+    transport ids are assigned by the coordinator and survive others leaving.
+    """
+
+    ledger: ByteLedger
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """This worker's member id."""
+
+    @property
+    def world_size(self) -> int:
+        """Number of current members."""
+        return len(self.members())
+
+    @abc.abstractmethod
+    def members(self) -> list[int]:
+        """Current member ids, sorted; the same list on every member of an epoch."""
+
+    @property
+    @abc.abstractmethod
+    def epoch(self) -> int:
+        """A number that changes whenever membership changes."""
+
+    @abc.abstractmethod
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
+        """Reduce ``tensors`` (in place) across all members; ``op`` is "mean" or "sum".
+
+        With a codec, every contribution and the result pass through it (see
+        :mod:`lowcomm.codecs`); every member ends with identical bits.
+        """
+
+    @abc.abstractmethod
+    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+        """Gather every member's ``payload`` (sizes may differ between members).
+
+        The result is a list, in :meth:`members` order, of each member's list of tensors.
+        """
+
+    @abc.abstractmethod
+    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
+        """Reduce ``tensors`` (in place) among the member ids in ``group`` only.
+
+        Only the members of ``group`` call it; others are not involved.
+        """
+
+    @abc.abstractmethod
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Handle:
+        """Copy member ``src``'s ``tensors`` into everyone's ``tensors`` (in place)."""
+
+    def refresh(self) -> None:  # noqa: B027 - optional for fixed-membership transports
+        """Bring membership up to date after a failure (no-op where membership is fixed)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release sockets, threads and process groups."""
+
+
+_REQUIRED = ("rank", "world_size", "members", "epoch", "all_reduce", "all_gather", "group_reduce",
+             "broadcast", "refresh", "ledger")
+
+
+def check_transport(obj: Any) -> Transport:
+    """Return ``obj`` if it implements the transport protocol, else raise ``ValueError``."""
+    missing = [name for name in _REQUIRED if not hasattr(obj, name)]
+    if missing:
+        raise ValueError(
+            f"transport {type(obj).__name__!r} does not implement the lowcomm transport protocol "
+            f"(missing: {', '.join(missing)}); pass lowcomm.connect(), a lowcomm.comm.local transport, "
+            f"or a subclass of lowcomm.comm.base.Transport"
+        )
+    return obj
+
+
+def run_async(executor: Any, fn: Callable[[], Any], record: OpRecord | None, timeout: float) -> Handle:
+    """Submit ``fn`` to ``executor`` and wrap its future in a :class:`Handle`."""
+    return Handle(executor.submit(fn), record, timeout)

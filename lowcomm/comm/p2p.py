@@ -1,0 +1,331 @@
+"""Collective algorithms written once over point-to-point messages.
+
+A transport that can send a list of tensors to one peer and receive from one peer
+(``_send`` / ``_recv``) and run a commit round (``_commit``) gets every operation of the
+protocol from :class:`P2PTransport`. The local and ZeroMQ transports share this code, so
+they perform the same arithmetic in the same order.
+
+Summation order (what makes results bit-identical):
+
+* ``all_reduce`` is reduce-scatter + all-gather. Tensors are flattened per dtype; the flat
+  vector is cut into ``W`` contiguous shards (the first ``n % W`` shards one element
+  longer); the owner of shard ``j`` is ``members()[j]``. The owner accumulates in fp32 in
+  member order, ``((x_0 + x_1) + x_2) + ...``, divides by ``W`` for a mean, casts back,
+  and sends the result to everyone. Every member sends ``(W-1)/W`` of the tensor twice:
+  ``2 (W-1)/W`` in all, as a ring would.
+* With a codec the whole input is flattened to fp32; each member encodes every shard
+  (its own too, so every contribution passes through the same quantizer), the owner
+  decodes and sums in fp32 in member order, encodes the result once and sends that; every
+  member, the owner included, keeps ``decode(encode(result))``.
+* ``group_reduce`` sends the whole tensor to each other group member; each member sums in
+  sorted member-id order in fp32, so the group agrees bit for bit.
+
+Results are assembled in scratch buffers and written into the caller's tensors only after
+the commit round agrees that the operation succeeded everywhere, so a failed operation
+leaves the caller's tensors untouched.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
+
+__all__ = ["P2PTransport", "shard_bounds"]
+
+
+def shard_bounds(n: int, w: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) bounds of ``w`` shards of ``n`` elements (first n % w longer)."""
+    base, extra = divmod(n, w)
+    out, start = [], 0
+    for j in range(w):
+        size = base + (1 if j < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def _check_op(op: str) -> str:
+    if op not in ("mean", "sum"):
+        raise ValueError(f"reduce op must be 'mean' or 'sum', got {op!r}")
+    return op
+
+
+def _dtype_groups(tensors: Sequence[torch.Tensor]) -> list[tuple[torch.dtype, list[int]]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.items())
+
+
+def _flatten(tensors: Sequence[torch.Tensor], idxs: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    if len(idxs) == 1:
+        return tensors[idxs[0]].detach().reshape(-1).to(dtype=dtype, copy=True)
+    return torch.cat([tensors[i].detach().reshape(-1).to(dtype) for i in idxs])
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor], idxs: Sequence[int]) -> None:
+    off = 0
+    with torch.no_grad():
+        for i in idxs:
+            t = tensors[i]
+            n = t.numel()
+            t.copy_(flat[off:off + n].view(t.shape))
+            off += n
+
+
+class P2PTransport(Transport):
+    """Implements the protocol's operations on top of ``_send``, ``_recv`` and ``_commit``."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
+        self.ledger = ByteLedger()
+        self._seq = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowcomm-comm")
+
+    # ---- what a concrete transport provides -------------------------------------------
+    @abc.abstractmethod
+    def _send(self, peer: int, tag: tuple, parts: list[torch.Tensor], rec: OpRecord) -> None:
+        """Send ``parts`` to ``peer`` under ``tag`` (must not block on the receiver)."""
+
+    @abc.abstractmethod
+    def _recv(self, peer: int, tag: tuple, deadline: float) -> list[torch.Tensor]:
+        """Receive what ``peer`` sent under ``tag``; raise PeerLost / CommTimeout."""
+
+    @abc.abstractmethod
+    def _commit(self, tag: tuple, participants: Sequence[int], ok: bool, deadline: float) -> tuple[bool, list[int]]:
+        """Agree with ``participants`` whether the operation ``tag`` succeeded everywhere.
+
+        Returns ``(committed, lost)``; every live participant gets the same answer.
+        """
+
+    def _on_op_start(self, seq: int) -> None:  # noqa: B027 - hook for fault injection
+        """Called in the communication thread when operation ``seq`` starts."""
+
+    # ---- plumbing ----------------------------------------------------------------------
+    def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
+        seq = self._seq
+        self._seq += 1
+        members = list(participants)
+        rec = self.ledger.begin(kind, len(members), tag)
+
+        def run() -> Any:
+            deadline = time.monotonic() + self.timeout
+            err: BaseException | None = None
+            result = None
+            self._on_op_start(seq)
+            try:
+                result = body(seq, rec, members, deadline)
+            except CommError as e:
+                err = e
+            ok, lost = self._commit((seq, "commit"), members, err is None, time.monotonic() + self.timeout)
+            rec.ok = ok
+            if not ok:
+                if isinstance(err, PeerLost) and err.lost:
+                    lost = sorted(set(lost) | set(err.lost))
+                raise PeerLost(lost, f"{kind} #{seq} failed: lost peer(s) {lost}"
+                               + (f" ({err})" if err else "")) from err
+            return result() if callable(result) else result
+
+        return Handle(self._executor.submit(run), rec, self.timeout + 5.0)
+
+    def _members_or_raise(self) -> list[int]:
+        members = self.members()
+        if self.rank not in members:
+            raise PeerLost([self.rank], f"member {self.rank} is no longer part of the run")
+        return members
+
+    # ---- operations --------------------------------------------------------------------
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
+        _check_op(op)
+        tensors = list(tensors)
+        members = self._members_or_raise()
+        if codec is not None:
+            from ..codecs import get_codec
+
+            codec = get_codec(codec)
+            if codec.name == "identity":
+                codec = None
+
+        def body(seq, rec, members, deadline):
+            me = members.index(self.rank)
+            w = len(members)
+            if codec is None:
+                flats = []
+                for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
+                    flat = _flatten(tensors, idxs, dtype)
+                    self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
+                    flats.append((flat, idxs))
+
+                def finish():
+                    for flat, idxs in flats:
+                        _unflatten_into(flat, tensors, idxs)
+                    return tensors
+                return finish
+            flat = _flatten(tensors, range(len(tensors)), torch.float32)
+            self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
+
+            def finish_q():
+                off = 0
+                with torch.no_grad():
+                    for t in tensors:
+                        n = t.numel()
+                        t.copy_(flat[off:off + n].view(t.shape))
+                        off += n
+                return tensors
+            return finish_q
+
+        return self._start("all_reduce", members, body)
+
+    def _reduce_scatter_gather(self, seq, rec, members, me, w, flat, op, deadline, gi) -> None:
+        bounds = shard_bounds(flat.numel(), w)
+        for j, peer in enumerate(members):
+            if j != me:
+                s, e = bounds[j]
+                self._send(peer, (seq, "rs", gi), [flat[s:e]], rec)
+        s, e = bounds[me]
+        acc = None
+        for j, peer in enumerate(members):
+            part = flat[s:e] if j == me else self._recv(peer, (seq, "rs", gi), deadline)[0]
+            if part.numel() != e - s:
+                raise CommError(f"shard from member {peer} has {part.numel()} elements, expected {e - s}")
+            if acc is None:
+                acc = part.to(torch.float32, copy=True)
+            else:
+                acc.add_(part)
+        if op == "mean":
+            acc.div_(w)
+        mine = acc.to(flat.dtype)
+        for j, peer in enumerate(members):
+            if j != me:
+                self._send(peer, (seq, "ag", gi), [mine], rec)
+        flat[s:e].copy_(mine)
+        for j, peer in enumerate(members):
+            if j != me:
+                s2, e2 = bounds[j]
+                part = self._recv(peer, (seq, "ag", gi), deadline)[0]
+                if part.numel() != e2 - s2:
+                    raise CommError(f"result shard from member {peer} has wrong size")
+                flat[s2:e2].copy_(part)
+
+    def _quantized_reduce(self, seq, rec, members, me, w, flat, op, codec, deadline) -> None:
+        bounds = shard_bounds(flat.numel(), w)
+        own_parts = None
+        for j, peer in enumerate(members):
+            s, e = bounds[j]
+            parts = codec.encode(flat[s:e])
+            if j == me:
+                own_parts = parts
+            else:
+                self._send(peer, (seq, "qrs"), parts, rec)
+        s, e = bounds[me]
+        acc = None
+        for j, peer in enumerate(members):
+            parts = own_parts if j == me else self._recv(peer, (seq, "qrs"), deadline)
+            part = codec.decode(parts, e - s)
+            if acc is None:
+                acc = part.to(torch.float32, copy=True)
+            else:
+                acc.add_(part)
+        if op == "mean":
+            acc.div_(w)
+        result = codec.encode(acc)
+        for j, peer in enumerate(members):
+            if j != me:
+                self._send(peer, (seq, "qag"), result, rec)
+        flat[s:e].copy_(codec.decode(result, e - s))
+        for j, peer in enumerate(members):
+            if j != me:
+                s2, e2 = bounds[j]
+                flat[s2:e2].copy_(codec.decode(self._recv(peer, (seq, "qag"), deadline), e2 - s2))
+
+    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+        payload = [t.detach() for t in payload]
+        members = self._members_or_raise()
+
+        def body(seq, rec, members, deadline):
+            for peer in members:
+                if peer != self.rank:
+                    self._send(peer, (seq, "gather"), payload, rec)
+            return [payload if peer == self.rank else self._recv(peer, (seq, "gather"), deadline)
+                    for peer in members]
+
+        return self._start("all_gather", members, body)
+
+    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
+        _check_op(op)
+        group = sorted(set(int(g) for g in group))
+        if self.rank not in group:
+            raise ValueError(f"group_reduce: this member ({self.rank}) is not in the group {group}; "
+                             f"only the group's members call it")
+        tensors = list(tensors)
+
+        def body(seq, rec, group, deadline):
+            flats = []
+            for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
+                flat = _flatten(tensors, idxs, dtype)
+                for peer in group:
+                    if peer != self.rank:
+                        self._send(peer, (seq, "grp", gi), [flat], rec)
+                acc = None
+                for peer in group:
+                    part = flat if peer == self.rank else self._recv(peer, (seq, "grp", gi), deadline)[0]
+                    if part.numel() != flat.numel():
+                        raise CommError(f"group_reduce: member {peer} sent {part.numel()} elements, "
+                                        f"expected {flat.numel()}")
+                    if acc is None:
+                        acc = part.to(torch.float32, copy=True)
+                    else:
+                        acc.add_(part)
+                if op == "mean":
+                    acc.div_(len(group))
+                flats.append((acc.to(dtype), idxs))
+
+            def finish():
+                for flat, idxs in flats:
+                    _unflatten_into(flat, tensors, idxs)
+                return tensors
+            return finish
+
+        return self._start("group_reduce", group, body)
+
+    def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Handle:
+        tensors = list(tensors)
+        members = self._members_or_raise()
+        if src not in members:
+            raise ValueError(f"broadcast source {src} is not a member ({members})")
+
+        def body(seq, rec, members, deadline):
+            groups = _dtype_groups(tensors)
+            if self.rank == src:
+                for gi, (dtype, idxs) in enumerate(groups):
+                    flat = _flatten(tensors, idxs, dtype)
+                    for peer in members:
+                        if peer != src:
+                            self._send(peer, (seq, "bc", gi), [flat], rec)
+                return tensors
+            flats = []
+            for gi, (dtype, idxs) in enumerate(groups):
+                flat = self._recv(src, (seq, "bc", gi), deadline)[0]
+                if flat.numel() != sum(tensors[i].numel() for i in idxs) or flat.dtype != dtype:
+                    raise CommError(f"broadcast from {src}: payload does not match the local tensors")
+                flats.append((flat, idxs))
+
+            def finish():
+                for flat, idxs in flats:
+                    _unflatten_into(flat, tensors, idxs)
+                return tensors
+            return finish
+
+        return self._start("broadcast", members, body)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,330 @@
+"""OuterOptimizer: the machinery every low-communication strategy shares.
+
+An :class:`OuterOptimizer` wraps an inner ``torch.optim`` optimizer and *is* a
+``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizer's (so LR schedulers
+built on the wrapper drive the inner learning rate), ``step()`` runs the inner step and then
+whatever outer work the strategy has due, and ``state_dict()`` holds the inner state, the
+global (anchor) parameters, the outer optimizers' state and the counters.
+
+A sync is two phases, :meth:`OuterOptimizer.launch_reduce` (start a non-blocking
+collective) and :meth:`OuterOptimizer.finish` (wait, then apply, or roll back), so a
+strategy can overlap communication with compute by finishing later.
+
+Failure: a collective that fails raises :class:`~lowcomm.comm.base.CommError` from its
+handle. ``finish`` then rolls back (global parameters and outer state are untouched, since
+the outer step only runs after success; the local parameters return to the global ones,
+dropping the local work since the last sync, as torchft does), logs, counts the failure,
+refreshes the transport's membership and returns ``False``; training goes on. With
+``strict=True`` the error is raised instead.
+
+A new strategy subclasses :class:`OuterOptimizer` and implements :meth:`after_inner_step`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..comm.base import CommError, Handle, Transport, check_transport
+
+__all__ = ["OuterFactory", "OuterOptimizer", "PendingSync", "SyncRecord", "SyncUnit", "default_outer_optimizer"]
+
+log = logging.getLogger(__name__)
+
+OuterFactory = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+
+
+def default_outer_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """DiLoCo's outer optimizer: SGD, lr 0.7, momentum 0.9, Nesterov (arXiv 2311.08105)."""
+    return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
+
+
+def check_int(name: str, value: Any, minimum: int, hint: str = "") -> int:
+    """``value`` as an int >= ``minimum``, else a ValueError that says what to pass."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    """``value`` as a float in [lo, hi], else a ValueError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+class SyncUnit:
+    """A set of parameters synced together: their global (anchor) copies and an outer optimizer.
+
+    DiLoCo has one unit (the whole model); Streaming DiLoCo has one per fragment.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory | None, name: str = "all"):
+        self.name = name
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"sync unit {name!r} has no parameters")
+        # Anchors are leaves of their own, so a stock torch optimizer can step them.
+        self.anchors = [p.detach().clone() for p in self.params]
+        factory = factory or default_outer_optimizer
+        if not callable(factory):
+            raise ValueError("outer_optimizer must be a callable taking an iterable of parameters and returning a "
+                             "torch.optim.Optimizer, e.g. lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9, "
+                             f"nesterov=True); got {factory!r}")
+        outer = factory(self.anchors)
+        if not isinstance(outer, torch.optim.Optimizer):
+            raise ValueError("outer_optimizer must return a torch.optim.Optimizer built on the parameters it is "
+                             f"given (e.g. lambda ps: torch.optim.SGD(ps, lr=0.7)); it returned {type(outer).__name__}")
+        self.outer = outer
+
+    @torch.no_grad()
+    def outer_step(self, pseudo_grads: Sequence[torch.Tensor]) -> None:
+        """Step the global parameters with ``pseudo_grads`` (global minus local, averaged) as gradient."""
+        for a, g in zip(self.anchors, pseudo_grads):
+            a.grad = g.detach()
+        self.outer.step()
+        for a in self.anchors:
+            a.grad = None
+
+    @torch.no_grad()
+    def reset_locals(self) -> None:
+        """Local parameters := global parameters."""
+        torch._foreach_copy_(self.params, self.anchors)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": list(self.anchors), "outer": self.outer.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        anchors = sd["anchors"]
+        if len(anchors) != len(self.anchors):
+            raise ValueError(f"state for unit {self.name!r} has {len(anchors)} anchors, expected {len(self.anchors)}")
+        for a, b in zip(self.anchors, anchors):
+            if a.shape != b.shape:
+                raise ValueError(f"anchor shape {tuple(b.shape)} does not match parameter shape {tuple(a.shape)}")
+            a.copy_(b)
+        self.outer.load_state_dict(sd["outer"])
+
+
+@dataclass
+class PendingSync:
+    """A launched, not yet finished sync."""
+
+    unit: SyncUnit
+    handle: Handle
+    buffers: list[torch.Tensor]
+    launch_step: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SyncRecord:
+    """What happened to one sync (read by the simulator to place communication in time)."""
+
+    unit: str
+    launch_step: int
+    finish_step: int
+    op_ids: list[int]
+    committed: bool
+    error: str = ""
+
+
+class OuterOptimizer(torch.optim.Optimizer):
+    """Base class of lowcomm's strategies (see the module docstring).
+
+    Args:
+        inner: the inner optimizer; every parameter must be floating point and require grad.
+        transport: a lowcomm transport (``lowcomm.connect()``, a local transport, ...).
+        strict: raise on a failed sync instead of rolling back and going on.
+        timeout: seconds a sync may wait (default: the transport's own deadline).
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
+                 timeout: float | None = None):
+        if isinstance(inner, OuterOptimizer):
+            raise ValueError("inner is already a lowcomm OuterOptimizer; wrap the plain torch optimizer instead")
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise ValueError(f"inner must be a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())), "
+                             f"got {type(inner).__name__}")
+        if transport is None:
+            raise ValueError("transport is required: pass transport=lowcomm.connect() (a world of one when not "
+                             "launched by torchrun or a coordinator)")
+        self.transport = check_transport(transport)
+        params = [p for g in inner.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if not torch.is_floating_point(p):
+                raise ValueError(f"parameter {i} has dtype {p.dtype}; lowcomm syncs floating-point parameters only - "
+                                 f"keep integer buffers out of the optimizer")
+            if not p.requires_grad:
+                raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) does not require grad; build the inner "
+                                 f"optimizer from the trainable parameters only, e.g. "
+                                 f"[p for p in model.parameters() if p.requires_grad]")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("a parameter appears twice in the inner optimizer's param_groups")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.inner = inner
+        self.strict = bool(strict)
+        self.timeout = timeout
+        # param_groups / state / defaults are properties that forward to the inner optimizer,
+        # so schedulers and hooks act on the inner groups even after inner.load_state_dict.
+        from collections import OrderedDict
+
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+        self.local_step = 0  # inner steps taken
+        self.sync_count = 0  # syncs committed
+        self.failed_syncs = 0  # syncs rolled back
+        self.sync_log: list[SyncRecord] = []
+        self.units: list[SyncUnit] = []
+
+    # ---- torch.optim.Optimizer surface ------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The inner optimizer's param groups (shared, so LR schedulers drive the inner lr)."""
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        """The inner optimizer's per-parameter state."""
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.inner.defaults = value
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """Every parameter of the inner optimizer, in param-group order."""
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Inner step, then the strategy's outer work if any is due."""
+        loss = self.inner.step(closure)
+        self.local_step += 1
+        self.after_inner_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("add parameter groups to the inner optimizer before wrapping it in a lowcomm optimizer")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(inner={type(self.inner).__name__}, world_size={self.transport.world_size})"
+
+    # ---- what a strategy implements ------------------------------------------------------------
+    def after_inner_step(self) -> None:
+        """Called after every inner step (``self.local_step`` already counts it)."""
+        raise NotImplementedError
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        """Strategy-specific state (tensors and plain values) to save beside the common state."""
+        return {}
+
+    def load_extra_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state_dict` saved."""
+
+    # ---- shared machinery ------------------------------------------------------------------------
+    @torch.no_grad()
+    def broadcast_initial(self, tensors: Sequence[torch.Tensor] | None = None) -> None:
+        """Make every member start from the first member's parameters (one broadcast)."""
+        tensors = self.params if tensors is None else list(tensors)
+        src = self.transport.members()[0]
+        self.transport.broadcast(tensors, src=src).wait(self.timeout)
+
+    def launch_reduce(self, unit: SyncUnit, buffers: list[torch.Tensor], codec: Any = None) -> PendingSync:
+        """Start the mean all-reduce of ``buffers`` (the unit's pseudo-gradients)."""
+        handle = self.transport.all_reduce(buffers, op="mean", codec=codec)
+        return PendingSync(unit, handle, buffers, self.local_step)
+
+    def finish(self, pending: PendingSync, apply: Callable[[PendingSync], None],
+               rollback: Callable[[PendingSync], None] | None = None) -> bool:
+        """Wait for ``pending``; on success run ``apply`` and count the sync, else roll back.
+
+        ``rollback`` defaults to resetting the unit's local parameters to its global ones.
+        Returns whether the sync committed.
+        """
+        try:
+            pending.handle.wait(self.timeout)
+        except CommError as e:
+            self.handle_failure(pending, e, rollback)
+            return False
+        apply(pending)
+        self.sync_count += 1
+        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+                                        [] if pending.handle.op_id is None else [pending.handle.op_id], True))
+        return True
+
+    def handle_failure(self, pending: PendingSync, err: CommError,
+                       rollback: Callable[[PendingSync], None] | None = None) -> None:
+        """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
+        (rollback or (lambda p: p.unit.reset_locals()))(pending)
+        self.failed_syncs += 1
+        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+                                        [] if pending.handle.op_id is None else [pending.handle.op_id], False,
+                                        str(err)))
+        log.warning("sync of %s launched at step %d failed and was rolled back: %s",
+                    pending.unit.name, pending.launch_step, err)
+        try:
+            self.transport.refresh()
+        except CommError as e2:  # membership could not be refreshed now; the next sync will tell
+            log.warning("could not refresh membership after a failed sync: %s", e2)
+        if self.strict:
+            raise err
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Inner state, global parameters, outer state and counters (tensors are references, as in torch)."""
+        return {
+            "inner": self.inner.state_dict(),
+            "units": [u.state_dict() for u in self.units],
+            "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
+                         "failed_syncs": self.failed_syncs},
+            "extra": self.extra_state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"inner", "units", "counters"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a lowcomm optimizer state_dict (missing {sorted(missing)}); "
+                             f"pass what {type(self).__name__}.state_dict() returned")
+        if len(state_dict["units"]) != len(self.units):
+            raise ValueError(f"state has {len(state_dict['units'])} sync units, this optimizer has "
+                             f"{len(self.units)}: build it with the same model and settings")
+        self.inner.load_state_dict(state_dict["inner"])
+        for u, sd in zip(self.units, state_dict["units"]):
+            u.load_state_dict(sd)
+        c = state_dict["counters"]
+        self.local_step = int(c["local_step"])
+        self.sync_count = int(c["sync_count"])
+        self.failed_syncs = int(c.get("failed_syncs", 0))
+        self.load_extra_state_dict(state_dict.get("extra", {}))

@@ -1,0 +1,100 @@
+"""DiLoCo: Distributed Low-Communication training (Douillard et al. 2023, arXiv 2311.08105).
+
+Every ``sync_every`` (H) inner steps each worker computes its pseudo-gradient
+``phi - theta_i`` (global minus local: old minus new, so it points like a gradient), the
+workers average it with one all-reduce, the outer optimizer steps the global parameters
+``phi`` with that mean as gradient (paper, Algorithm 1, line 12), and every worker's local
+parameters are set to the new ``phi``. The inner optimizer's state is never averaged or
+reset. Paper defaults: H=500, outer SGD lr 0.7 momentum 0.9 Nesterov, inner AdamW;
+FedAvg is outer lr 1 momentum 0.
+
+Memory: besides the model, DiLoCo keeps the global copy and the outer optimizer's state
+(the Nesterov momentum): about 2x the parameters. The pseudo-gradient is computed in place
+in the local parameters, which the sync overwrites anyway, so it needs no buffer of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..comm.base import Transport
+from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_int
+from .registry import register_strategy
+
+__all__ = ["DiLoCo", "sgd_outer"]
+
+
+class DiLoCo(OuterOptimizer):
+    """DiLoCo around any inner optimizer.
+
+    Args:
+        inner: the inner optimizer (AdamW in the paper).
+        transport: where the pseudo-gradients are averaged (``lowcomm.connect()``).
+        sync_every: H, inner steps between syncs (paper: 500).
+        outer_optimizer: factory ``params -> torch.optim.Optimizer`` for the global parameters
+            (default SGD lr 0.7, momentum 0.9, Nesterov).
+        codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
+        strict: raise on a failed sync instead of rolling back.
+        timeout: seconds a sync may wait.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
+                 outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
+                 timeout: float | None = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+        self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
+        if codec is not None:
+            from ..codecs import get_codec
+
+            codec = get_codec(codec)
+        self.codec = codec
+        self.broadcast_initial()
+        self.units = [SyncUnit(self.params, outer_optimizer)]
+
+    def after_inner_step(self) -> None:
+        if self.local_step % self.sync_every == 0:
+            self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Average pseudo-gradients, step the global parameters, reset the locals. Returns success."""
+        unit = self.units[0]
+        # theta := phi - theta, in place (Algorithm 1 line 11); the locals are reset afterwards anyway.
+        for p, a in zip(unit.params, unit.anchors):
+            p.neg_().add_(a)
+        pending = self.launch_reduce(unit, unit.params, codec=self.codec)
+        return self.finish(pending, self._apply)
+
+    @staticmethod
+    def _apply(pending: PendingSync) -> None:
+        unit = pending.unit
+        unit.outer_step(pending.buffers)
+        unit.reset_locals()
+
+
+def sgd_outer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> OuterFactory:
+    """Factory for an SGD outer optimizer (``momentum=0`` and ``lr=1`` is FedAvg)."""
+    if lr <= 0:
+        raise ValueError(f"outer lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+    return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=bool(nesterov and momentum > 0))
+
+
+def _build(inner, transport, model=None, *, sync_every: int = 50, outer_lr: float = 0.7,
+           outer_momentum: float = 0.9, nesterov: bool = True, codec: Any = None) -> DiLoCo:
+    return DiLoCo(inner, transport=transport, sync_every=sync_every,
+                  outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), codec=codec)
+
+
+def _build_fedavg(inner, transport, model=None, *, sync_every: int = 50, codec: Any = None) -> DiLoCo:
+    return DiLoCo(inner, transport=transport, sync_every=sync_every,
+                  outer_optimizer=sgd_outer(1.0, 0.0, False), codec=codec)
+
+
+register_strategy("diloco", _build, {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
+                  "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
+register_strategy("fedavg", _build_fedavg, {"sync_every": 50},
+                  "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)")

@@ -1,0 +1,53 @@
+"""A registry of strategies, so the simulator and the CLI find them by name.
+
+A strategy registers a builder ``build(inner, transport, model, **knobs) -> torch.optim.Optimizer``
+(normally an :class:`~lowcomm.outer.base.OuterOptimizer`), the knobs it accepts with their
+defaults for short simulated runs, and a one-line description. Strategies written outside
+lowcomm register themselves the same way and then run in ``lowcomm sim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Strategy", "available", "get_strategy", "register_strategy"]
+
+
+@dataclass
+class Strategy:
+    """A named way to train: how to build it and its defaults for the simulator."""
+
+    name: str
+    build: Callable[..., Any]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, build: Callable[..., Any], defaults: dict[str, Any] | None = None,
+                      description: str = "", replace: bool = False) -> Strategy:
+    """Register ``build`` under ``name`` (``replace=True`` to overwrite an existing entry)."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"strategy name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"strategy {name!r} is already registered; pass replace=True to overwrite it")
+    s = Strategy(name, build, dict(defaults or {}), description)
+    _REGISTRY[name] = s
+    return s
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; available: {', '.join(available())}") from None
+
+
+def available() -> list[str]:
+    """Registered strategy names, in registration order."""
+    return list(_REGISTRY)
