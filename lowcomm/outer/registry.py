@@ -4,6 +4,15 @@ A strategy registers a builder ``build(inner, transport, model, **knobs) -> torc
 (normally an :class:`~lowcomm.outer.base.OuterOptimizer`), the knobs it accepts with their
 defaults for short simulated runs, and a one-line description. Strategies written outside
 lowcomm register themselves the same way and then run in ``lowcomm sim``.
+
+Two keys of ``defaults`` are read by whoever builds the inner optimizer (the simulator, the
+training loop) instead of being passed to ``build``: ``"inner"`` (``"adamw"`` or ``"sgd"``,
+the inner optimizer the strategy is meant to wrap) and ``"lr"`` (its peak learning rate).
+
+Contract for the simulator: a strategy appends a :class:`~lowcomm.outer.base.SyncRecord`
+to ``opt.sync_log`` for every communication it performs (launch step, finish step, the
+ledger op ids), so the simulated clock can place each transfer in time and tell how much
+of it was overlapped with compute.
 """
 
 from __future__ import annotations
