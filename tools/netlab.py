@@ -284,6 +284,49 @@ class NetLab:
         return "\n".join(lines)
 
 
+_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(60)
+n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    n += len(b)
+c.sendall(str(n).encode()); c.close()
+"""
+
+_CLIENT = """
+import socket, sys, time
+n = int(sys.argv[3])
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+t = time.monotonic()
+c.sendall(b"x" * n); c.shutdown(socket.SHUT_WR)
+got = int(c.recv(64).decode())
+print(got, time.monotonic() - t)
+"""
+
+
+def measure_throughput(lab: NetLab, nbytes: int, src: int = 0, dst: int = 1, port: int = 7000) -> float:
+    """Send ``nbytes`` over TCP from node ``src`` to node ``dst``; payload MB/s (time until the receiver
+    acknowledged the last byte)."""
+    server = lab.popen(dst, [sys.executable, "-c", _SERVER, lab.addr(dst), str(port)],
+                       stdout=subprocess.PIPE, text=True)
+    if server.stdout.readline().strip() != "ready":
+        raise RuntimeError("throughput server in the lab did not start")
+    r = lab.run(src, [sys.executable, "-c", _CLIENT, lab.addr(dst), str(port), str(nbytes)], timeout=600)
+    server.wait(timeout=30)
+    if r.returncode != 0:
+        raise RuntimeError(f"throughput client failed: {r.stderr.strip()}")
+    got, secs = r.stdout.split()
+    if int(got) != nbytes:
+        raise RuntimeError(f"sent {nbytes} bytes but the receiver counted {got}")
+    return nbytes / float(secs) / 1e6
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="netlab", description="Network namespaces on tbf-shaped links.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -301,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = sub.add_parser("cleanup", help="remove labs left behind by processes that are gone")
     c.add_argument("--all", action="store_true", help="remove every lab, including ones whose creator still runs")
     sub.add_parser("list", help="list lab namespaces")
+    b = sub.add_parser("speed", help="measure TCP payload throughput between two nodes of a shaped lab")
+    b.add_argument("--rate", default="100mbit")
+    b.add_argument("--mb", type=float, default=50.0, help="megabytes to send")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "list":
@@ -311,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"removed {len(gone)} namespace(s)" + (": " + " ".join(gone) if gone else ""))
         return 0
     cleanup_stale()
+    if args.cmd == "speed":
+        with NetLab(2, rate=args.rate) as lab:
+            mbs = measure_throughput(lab, int(args.mb * 1e6))
+        print(f"tbf rate {args.rate}: {mbs:.2f} MB/s of TCP payload "
+              f"({100 * mbs * 8e6 / parse_rate(args.rate):.1f}% of the rate)")
+        return 0
     rate = None if args.rate.lower() == "none" else args.rate
     with NetLab(args.nodes, rate=rate, burst=args.burst, latency=args.latency, subnet=args.subnet) as lab:
         print(lab.describe(), flush=True)
