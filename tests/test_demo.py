@@ -1,6 +1,7 @@
 """DeMo and the chunked DCT: golden values, closed forms, determinism, bytes, failures, state."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -19,10 +20,15 @@ def flat(params):
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 
 
+_RNG_LOCK = threading.Lock()
+
+
 def make_model(seed=0):
-    torch.manual_seed(seed)
     # 2-D weights cut into several blocks with chunk=4, 1-D biases into several chunks.
-    return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    # torch's global RNG is shared by run_local's worker threads: seed and draw atomically.
+    with _RNG_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
 
 
 def batch(rank, step):
@@ -179,13 +185,12 @@ def test_decode_is_mean_over_selecting_workers():
 
 
 def _bytes_worker(t, topk, values, steps=2):
-    torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(128, 64)), torch.nn.Parameter(torch.randn(64)),
-          torch.nn.Parameter(torch.randn(8, 6))]
+    gen = torch.Generator().manual_seed(t.rank)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((128, 64), (64,), (8, 6))]
     opt = lowcomm.DeMo(torch.optim.SGD(ps, lr=1e-3), transport=t, topk=topk, chunk=64, values=values)
     for _ in range(steps):
         for p in ps:
-            p.grad = torch.randn(p.shape)
+            p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
     recs = [r for r in t.ledger.records if r.kind == "all_gather"]
     return [r.bytes_sent for r in recs], [(r.op_id, s.op_ids) for r, s in zip(recs, opt.sync_log)]
