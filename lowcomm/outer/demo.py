@@ -45,6 +45,12 @@ momentum is built in a second buffer and only swapped in on success, and the par
 the inner optimizer are not touched. The failure is counted, logged and recorded in
 ``sync_log`` like any sync (or raised with ``strict=True``).
 
+Compute accounting: DeMo's own work (momentum, DCT, top-k, error feedback before the
+exchange; decode and inverse DCT after it) runs inside ``opt.compute_guard()`` (a context
+manager factory, ``contextlib.nullcontext`` by default) and its seconds accumulate in
+``opt.timings``; a simulator that serializes compute can set the guard to its lock so this
+work is charged as compute. The inner step and the wait for the exchange are outside it.
+
 Memory: fp32 momentum and its double buffer (2P), coefficient, accumulator and count buffers
 (3P) and two scratch buffers of the largest 2-D tensor. The momentum is kept in fp32
 whatever the parameter dtype (decay 0.999 would round away in bf16).
@@ -52,6 +58,9 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -141,6 +150,8 @@ class DeMo(OuterOptimizer):
             self._val_dtype = params[0].dtype
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
+        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.broadcast_initial()
         self._build(params)
 
@@ -230,7 +241,39 @@ class DeMo(OuterOptimizer):
     def _exchange_and_step(self) -> bool:
         params = self.params
         lrs = [g["lr"] for g in self.inner.param_groups for _ in g["params"]]
-        idx_parts, val_parts = [], []
+        with self.compute_guard():
+            t0 = time.perf_counter()
+            handle, pending = self._encode_and_launch(params, lrs)
+            self.timings["encode"] += time.perf_counter() - t0
+        try:
+            gathered = handle.wait(self.timeout)
+        except CommError as e:
+            self.handle_failure(pending, e, rollback=lambda _p: None)  # nothing was applied; delta is untouched
+            return False
+        with self.compute_guard():
+            t0 = time.perf_counter()
+            self._decode(gathered)
+            for i, p in enumerate(params):
+                g = self._plans[i].decode(self._view(self._acc, i), out=self._view(self._coef, i).view(p.shape))
+                if self.sign:
+                    g.sign_()
+                if p.grad is None:
+                    p.grad = g.to(p.dtype, copy=True)
+                else:
+                    p.grad.copy_(g)
+                if self.weight_decay:
+                    p.mul_(1.0 - lrs[i] * self.weight_decay)
+            self.timings["decode"] += time.perf_counter() - t0
+            self.timings["steps"] += 1
+        self.inner.step()
+        self.delta, self._work = self._work, self.delta
+        self.sync_count += 1
+        self.sync_log.append(self._record(pending, True))
+        return True
+
+    def _encode_and_launch(self, params: list[torch.Tensor], lrs: list[float]) -> tuple[Handle, PendingSync]:
+        """New momentum, its top-k DCT coefficients, launch the all-gather, error feedback."""
+        idx_parts, val_parts, scale_parts = [], [], []
         for i in self._order:
             p, pl, k = params[i], self._plans[i], self._k[i]
             work = self._work[i]
@@ -241,8 +284,11 @@ class DeMo(OuterOptimizer):
             coef = pl.encode(work, out=self._view(self._coef, i))
             mag = torch.abs(coef, out=self._view(self._acc, i))
             idx = torch.topk(mag, k, dim=1, largest=True, sorted=False).indices
+            val = coef.gather(1, idx)
             idx_parts.append(idx.reshape(-1))
-            val_parts.append(coef.gather(1, idx).reshape(-1))
+            val_parts.append(val.reshape(-1))
+            if self.values == "sign":  # scaled sign: one scale per chunk, the mean |kept value|
+                scale_parts.append(val.abs().mean(1))
         idx_own = torch.cat(idx_parts)
         vals = torch.cat(val_parts)
         payload = []
@@ -251,10 +297,7 @@ class DeMo(OuterOptimizer):
             payload.append(idx_own[start:start + n].to(dt))
             start += n
         if self.values == "sign":
-            # Scaled sign (1 bit + a bf16 scale per chunk): scale = mean |kept value| of the chunk.
-            mags = torch.zeros(self._nchunks, dtype=torch.float32, device=vals.device)
-            mags.index_add_(0, self._chunk_of, vals.abs())
-            scales = mags.div_(torch.bincount(self._chunk_of, minlength=self._nchunks)).to(torch.bfloat16)
+            scales = torch.cat(scale_parts).to(torch.bfloat16)
             pos = vals >= 0
             payload += [_pack_bits(pos), scales]
             sent = self._sign_values(pos, scales)
@@ -276,28 +319,7 @@ class DeMo(OuterOptimizer):
         for i in self._order:
             tx = self._plans[i].decode(self._view(self._acc, i), out=self._view(self._coef, i).view(params[i].shape))
             self._work[i].sub_(tx)
-
-        try:
-            gathered = handle.wait(self.timeout)
-        except CommError as e:
-            self.handle_failure(pending, e, rollback=lambda _p: None)  # nothing was applied; delta is untouched
-            return False
-        self._decode(gathered)
-        for i, p in enumerate(params):
-            g = self._plans[i].decode(self._view(self._acc, i), out=self._view(self._coef, i).view(p.shape))
-            if self.sign:
-                g.sign_()
-            if p.grad is None:
-                p.grad = g.to(p.dtype, copy=True)
-            else:
-                p.grad.copy_(g)
-            if self.weight_decay:
-                p.mul_(1.0 - lrs[i] * self.weight_decay)
-        self.inner.step()
-        self.delta, self._work = self._work, self.delta
-        self.sync_count += 1
-        self.sync_log.append(self._record(pending, True))
-        return True
+        return handle, pending
 
     def _record(self, pending: PendingSync, committed: bool) -> SyncRecord:
         return SyncRecord("all", pending.launch_step, self.local_step,
