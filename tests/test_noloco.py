@@ -2,6 +2,7 @@
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -221,14 +222,25 @@ def test_failed_exchange_rolls_back_only_that_group():
     pair2 = next(g for g in noloco_groups(range(W), 2, seed, 2) if 3 in g)
     partner = [r for r in pair2 if r != 3][0]
     barrier = threading.Barrier(3, timeout=30)
+    transports = {}
 
     def worker(t):
+        transports[t.rank] = t
         p = torch.nn.Parameter(torch.ones(4))
         opt = lowcomm.NoLoCo(torch.optim.SGD([p], lr=0.1), transport=t, sync_every=1, seed=seed)
         snaps = []
         for rnd in range(1, 4):
+            # Test ordering only (the library does no such thing): worker 3 dies as its round-2
+            # exchange starts, but only once every other worker has drawn its round-2 group
+            # (its ledger holds the round-2 record), so all drew groups over the same four members;
+            # and round 3 starts once every survivor is done with round 2.
+            if rnd == 2 and t.rank == 3:
+                deadline = time.monotonic() + 30
+                while any(r not in transports or transports[r].ledger.ops < 3 for r in range(3)):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
             if rnd == 3:
-                barrier.wait()  # test ordering only: every survivor has finished round 2
+                barrier.wait()
             p.grad = torch.full_like(p, float(t.rank + 1))
             before = (opt.units[0].anchors[0].clone(), copy.deepcopy(opt.units[0].outer.state_dict()))
             opt.step()
