@@ -92,6 +92,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = "stdlib"  # text file/folder, "stdlib" (default corpus), or a uint16 token file/folder
     vocab_size: int = 0  # >0: `data` holds uint16 token files with this vocabulary
+    data_shards: int = 0  # disjoint data shards (0: one per replica); volunteers take shard member_id % data_shards
     eval_every: int = 50  # held-out evaluation every N steps (0: only at the end)
     eval_sequences: int = 32  # held-out sequences per evaluation
     seed: int = 0  # model init and data order
@@ -115,7 +116,7 @@ class TrainConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; available: {', '.join(available())}")
         for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0), ("log_every", 1),
                          ("checkpoint_every", 0), ("keep_checkpoints", 1), ("replica_size", 1),
-                         ("eval_sequences", 1), ("warmup_steps", 0)):
+                         ("eval_sequences", 1), ("warmup_steps", 0), ("data_shards", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -316,12 +317,16 @@ def _barrier(layout: _Layout) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------
 def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | str = False,
-          progress: Callable[[str], None] | None = print, stop: threading.Event | None = None) -> TrainResult:
+          progress: Callable[[str], None] | None = print, stop: threading.Event | None = None,
+          every_member_logs: bool = False) -> TrainResult:
     """Train ``cfg`` on ``transport`` (default: ``lowcomm.connect(cfg.replica_size)``).
 
     ``resume=True`` continues from the newest complete checkpoint in the run's folder (a path:
     from that checkpoint folder). ``stop``, when set, ends the loop after the current step (the
-    volunteer peer uses it for a clean leave). Returns this process's :class:`TrainResult`.
+    volunteer peer uses it for a clean leave). ``every_member_logs``: every replica evaluates and
+    logs into its own ``out_dir`` (volunteer peers), not only the first. A transport with
+    ``attach`` (ZeroMQ) is given the model and optimizer, so a peer joining a run under way
+    fetches the current state first. Returns this process's :class:`TrainResult`.
     """
     from .data import Corpus, load_corpus
     from .models import GPT, GPTConfig
@@ -332,6 +337,8 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
 
         transport = connect(cfg.replica_size)
     layout = _Layout(transport, cfg.replica_size)
+    if every_member_logs:
+        layout.chief = layout.leader
     if cfg.batch_size % (layout.replica_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks per replica x grad_accum "
                          f"({layout.replica_size} x {cfg.grad_accum})")
@@ -349,7 +356,10 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     mcfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, seq_len=m.seq_len,
                      dropout=m.dropout)
     corpus = Corpus(data, m.seq_len)
-    stream = corpus.stream(layout.replica, layout.n_replicas, cfg.batch_size, seed=cfg.seed)
+    if cfg.data_shards:
+        stream = corpus.stream(layout.replica % cfg.data_shards, cfg.data_shards, cfg.batch_size, seed=cfg.seed)
+    else:
+        stream = corpus.stream(layout.replica, layout.n_replicas, cfg.batch_size, seed=cfg.seed)
     eval_batches = corpus.eval_batches(max(1, min(cfg.batch_size, cfg.eval_sequences)), cfg.eval_sequences)
 
     with _BUILD_LOCK:
@@ -369,6 +379,14 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     opt = get_strategy(cfg.strategy).build(inner, transport, model, **knobs)
 
     step, tokens, bytes_base, elapsed_base = 0, 0, 0, 0.0
+    attach = getattr(transport, "attach", None)
+    if attach is not None:
+        # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
+        # Members of DiLoCo-like strategies hold the same global state, which the joiner checks.
+        attach(model, opt, verify_global=cfg.strategy in ("diloco", "fedavg", "streaming"))
+        step = int(getattr(opt, "local_step", 0))
+        stream.step = step  # batch k depends only on (seed, shard, k): the joiner continues the schedule
+        tokens = step * cfg.batch_size * m.seq_len
     eval_curve: list[tuple[int, float]] = []
     if resume:
         found = (int(os.path.basename(os.path.normpath(resume))[5:]), resume) if isinstance(resume, str) \
