@@ -29,12 +29,13 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["add_peer_args", "run_peer"]
+__all__ = ["add_arguments", "main", "run_peer"]
 
 log = logging.getLogger(__name__)
 
 
-def add_peer_args(ap) -> None:
+def add_arguments(ap) -> None:
+    """Arguments of ``lowcomm peer``."""
     ap.add_argument("--coordinator", required=True, help="the coordinator's endpoint, tcp://HOST:PORT")
     ap.add_argument("--recipe", required=True, help="path of a recipe file (e.g. recipes/tiny_diloco.py)")
     ap.add_argument("--bind", default="tcp://0.0.0.0:*", help="where this peer listens (port * picks one)")
@@ -105,15 +106,20 @@ def run_peer(args: Any, stop: threading.Event | None = None) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(args: Any) -> int:
+    """Run ``lowcomm peer`` with parsed arguments."""
+    return run_peer(args)
+
+
+def _cli(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="lowcomm peer", description="Join a volunteer run over ZeroMQ.")
-    add_peer_args(ap)
-    return run_peer(ap.parse_args(argv))
+    add_arguments(ap)
+    return main(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
-    from lowcomm.peer import main as _main
+    from lowcomm.peer import _cli
 
-    sys.exit(_main())
+    sys.exit(_cli())

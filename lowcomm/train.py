@@ -49,7 +49,8 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .comm.base import Transport
 from .outer.registry import available, get_strategy
 
-__all__ = ["TrainConfig", "TrainResult", "apply_overrides", "load_recipe", "train"]
+__all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -535,16 +536,8 @@ def _save(cfg, out_dir, layout, model, opt, stream, step, tokens, sent, seconds,
         _prune(out_dir, cfg.keep_checkpoints)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lowcomm.train --recipe R`` (what ``lowcomm train`` runs)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="lowcomm train", description="Train with a recipe (standalone or torchrun).")
-    add_train_args(ap)
-    return run_from_args(ap.parse_args(argv))
-
-
-def add_train_args(ap) -> None:
+def add_arguments(ap) -> None:
+    """Arguments of ``lowcomm train``."""
     ap.add_argument("--recipe", required=True, help="path of a recipe file (e.g. recipes/tiny_diloco.py)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
     ap.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>)")
@@ -553,7 +546,8 @@ def add_train_args(ap) -> None:
                     help="override a config field: --set lr=3e-4 --set model.n_layer=2 --set knobs.sync_every=20")
 
 
-def run_from_args(args) -> int:
+def main(args) -> int:
+    """Run ``lowcomm train`` with parsed arguments."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_recipe(args.recipe)
     sets = list(args.set)
@@ -574,8 +568,17 @@ def run_from_args(args) -> int:
     return 0
 
 
+def _cli(argv: list[str] | None = None) -> int:
+    """``python -m lowcomm.train --recipe R ...`` (the same as ``lowcomm train``; handy under torchrun)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="lowcomm train", description="Train with a recipe (standalone or torchrun).")
+    add_arguments(ap)
+    return main(ap.parse_args(argv))
+
+
 if __name__ == "__main__":
     # Run through the package module, so recipes' TrainConfig is the same class as ours.
-    from lowcomm.train import main as _main
+    from lowcomm.train import _cli
 
-    sys.exit(_main())
+    sys.exit(_cli())
