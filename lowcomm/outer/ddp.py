@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..comm.base import CommError, Transport
+from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, SyncRecord
 from .registry import register_strategy
 
@@ -64,7 +64,10 @@ class DDP(OuterOptimizer):
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         step = self.local_step + 1
-        handle = self.transport.all_reduce(grads, op="mean", codec=self.codec)
+        try:
+            handle = self.transport.all_reduce(grads, op="mean", codec=self.codec)
+        except CommError as e:  # could not even start (e.g. no longer a member): same path as a failure
+            handle = Handle.failed(e)
         op_ids = [] if handle.op_id is None else [handle.op_id]
         try:
             handle.wait(self.timeout)

@@ -20,6 +20,7 @@ schedule with a configured device speed and model size instead of the measured o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -331,6 +332,20 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
 
         inner_opt.register_step_pre_hook(pre)
         inner_opt.register_step_post_hook(post)
+
+        @contextlib.contextmanager
+        def guard():
+            with shared.lock:
+                t0 = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    timer["t"] += time.perf_counter() - t0
+
+        if hasattr(opt, "compute_guard"):
+            # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
+            # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
+            opt.compute_guard = guard
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
         stream = corpus.stream(rank, W, cfg.batch_size, cfg.seed)
         ops_before = transport.ledger.ops
