@@ -92,7 +92,7 @@ def test_error_feedback_identity():
     opt = lowcomm.DeMo(torch.optim.SGD([w, b], lr=lr), transport=world_of_one(), topk=k, chunk=4, decay=decay)
     gen = torch.Generator().manual_seed(3)
     for step in range(4):
-        old = [d.clone() for d in opt.delta]
+        old = opt.momentum()
         grads = [torch.randn(p.shape, generator=gen) for p in (w, b)]
         for p, g in zip((w, b), grads):
             p.grad = g.clone()
@@ -101,7 +101,7 @@ def test_error_feedback_identity():
             m = decay * old[i] + lr * g
             d = ChunkedDCT(p.shape, 4)
             c = d.encode(m)
-            sent = d.encode(m - opt.delta[i])  # DCT(IDCT(sent)): the sent coefficients, dense
+            sent = d.encode(m - opt.momentum()[i])  # DCT(IDCT(sent)): the sent coefficients, dense
             top = c.abs().topk(k, dim=1).indices
             want = torch.zeros_like(c).scatter_(1, top, c.gather(1, top).to(torch.bfloat16).float())
             assert (sent - want).abs().max() <= 1e-6, step
@@ -120,7 +120,7 @@ def test_whole_chunk_fp32_is_sign_descent(wd):
     for _ in range(5):
         grads = [torch.randn(p.shape) for p in (w, b)]
         before = [p.detach().clone() for p in (w, b)]
-        deltas = [decay * d + lr * g for d, g in zip(opt.delta, grads)]
+        deltas = [decay * d + lr * g for d, g in zip(opt.momentum(), grads)]
         for p, g in zip((w, b), grads):
             p.grad = g
         opt.step()
