@@ -87,17 +87,19 @@ def test_chunk_size_table():
 def test_error_feedback_identity():
     """delta_new + IDCT(sent) = decay*delta_old + lr*g, with sent = bf16(top-k of each chunk)."""
     lr, decay, k = 0.1, 0.9, 3
-    w = torch.nn.Parameter(torch.randn(12, 10))
-    b = torch.nn.Parameter(torch.randn(12))
-    opt = lowcomm.DeMo(torch.optim.SGD([w, b], lr=lr), transport=world_of_one(), topk=k, chunk=4, decay=decay)
+    # (12, 10) and (8, 10) share chunk edges (4, 2) and are transformed stacked; so are the two
+    # biases (chunk 4); the 4-D tensor is viewed as (6, 36). Each is checked against its own transform.
     gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 10), (12,), (8, 10), (8,), (6, 4, 3, 3))]
+    opt = lowcomm.DeMo(torch.optim.SGD(ps, lr=lr), transport=world_of_one(), topk=k, chunk=4, decay=decay)
+    assert len(opt._groups) == 3
     for step in range(4):
         old = opt.momentum()
-        grads = [torch.randn(p.shape, generator=gen) for p in (w, b)]
-        for p, g in zip((w, b), grads):
+        grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        for p, g in zip(ps, grads):
             p.grad = g.clone()
         opt.step()
-        for i, (p, g) in enumerate(zip((w, b), grads)):
+        for i, (p, g) in enumerate(zip(ps, grads)):
             m = decay * old[i] + lr * g
             d = ChunkedDCT(p.shape, 4)
             c = d.encode(m)
