@@ -74,6 +74,9 @@ class ChunkedDCT:
         scratch: two 1-D buffers of at least ``numel`` elements each that 2-D transforms may
             overwrite (share them between the transforms of a model to save memory); default:
             allocated here.
+        edges: explicit chunk edges instead of ``chunk_size(dim, target)`` (each must divide its
+            dimension). DeMo uses this to transform several tensors stacked along dimension 0 at
+            once with their own chunk edges, so no chunk straddles two tensors.
 
     Attributes:
         num_chunks, chunk_numel: the coefficient layout ``(num_chunks, chunk_numel)``.
@@ -81,7 +84,8 @@ class ChunkedDCT:
     """
 
     def __init__(self, shape: torch.Size | tuple[int, ...], target: int = 64, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", scratch: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 device: torch.device | str = "cpu", scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 edges: tuple[int, ...] | None = None):
         if isinstance(target, bool) or not isinstance(target, int) or target < 1:
             raise ValueError(f"chunk target must be an integer >= 1, got {target!r}")
         self.shape = torch.Size(shape)
@@ -92,7 +96,9 @@ class ChunkedDCT:
         if len(self.shape) >= 2:
             rows = self.shape[0]
             cols = self.numel // rows
-            h, w = chunk_size(rows, target), chunk_size(cols, target)
+            h, w = edges if edges is not None else (chunk_size(rows, target), chunk_size(cols, target))
+            if rows % h or cols % w:
+                raise ValueError(f"chunk edges {(h, w)} do not divide the 2-D view {(rows, cols)}")
             self.edges: tuple[int, ...] = (h, w)
             self.grid = (rows // h, cols // w)  # (Y, X) blocks
             self.num_chunks, self.chunk_numel = self.grid[0] * self.grid[1], h * w
@@ -106,7 +112,9 @@ class ChunkedDCT:
                 raise ValueError(f"scratch buffers must hold at least {self.numel} elements of {dtype}")
             self._a, self._b = scratch[0][:self.numel], scratch[1][:self.numel]
         else:
-            c = chunk_size(self.numel, target)
+            c = edges[0] if edges is not None else chunk_size(self.numel, target)
+            if self.numel % c:
+                raise ValueError(f"chunk edge {c} does not divide {self.numel}")
             self.edges = (c,)
             self.num_chunks, self.chunk_numel = self.numel // c, c
             self._f, self._f_t = dct_matrix(c, dtype, device), dct_matrix(c, dtype, device, inverse=True)

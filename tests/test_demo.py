@@ -87,21 +87,23 @@ def test_chunk_size_table():
 def test_error_feedback_identity():
     """delta_new + IDCT(sent) = decay*delta_old + lr*g, with sent = bf16(top-k of each chunk)."""
     lr, decay, k = 0.1, 0.9, 3
-    w = torch.nn.Parameter(torch.randn(12, 10))
-    b = torch.nn.Parameter(torch.randn(12))
-    opt = lowcomm.DeMo(torch.optim.SGD([w, b], lr=lr), transport=world_of_one(), topk=k, chunk=4, decay=decay)
+    # (12, 10) and (8, 10) share chunk edges (4, 2) and are transformed stacked; so are the two
+    # biases (chunk 4); the 4-D tensor is viewed as (6, 36). Each is checked against its own transform.
     gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 10), (12,), (8, 10), (8,), (6, 4, 3, 3))]
+    opt = lowcomm.DeMo(torch.optim.SGD(ps, lr=lr), transport=world_of_one(), topk=k, chunk=4, decay=decay)
+    assert len(opt._groups) == 3
     for step in range(4):
-        old = [d.clone() for d in opt.delta]
-        grads = [torch.randn(p.shape, generator=gen) for p in (w, b)]
-        for p, g in zip((w, b), grads):
+        old = opt.momentum()
+        grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        for p, g in zip(ps, grads):
             p.grad = g.clone()
         opt.step()
-        for i, (p, g) in enumerate(zip((w, b), grads)):
+        for i, (p, g) in enumerate(zip(ps, grads)):
             m = decay * old[i] + lr * g
             d = ChunkedDCT(p.shape, 4)
             c = d.encode(m)
-            sent = d.encode(m - opt.delta[i])  # DCT(IDCT(sent)): the sent coefficients, dense
+            sent = d.encode(m - opt.momentum()[i])  # DCT(IDCT(sent)): the sent coefficients, dense
             top = c.abs().topk(k, dim=1).indices
             want = torch.zeros_like(c).scatter_(1, top, c.gather(1, top).to(torch.bfloat16).float())
             assert (sent - want).abs().max() <= 1e-6, step
@@ -120,7 +122,7 @@ def test_whole_chunk_fp32_is_sign_descent(wd):
     for _ in range(5):
         grads = [torch.randn(p.shape) for p in (w, b)]
         before = [p.detach().clone() for p in (w, b)]
-        deltas = [decay * d + lr * g for d, g in zip(opt.delta, grads)]
+        deltas = [decay * d + lr * g for d, g in zip(opt.momentum(), grads)]
         for p, g in zip((w, b), grads):
             p.grad = g
         opt.step()

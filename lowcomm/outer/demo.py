@@ -18,6 +18,13 @@ bloc97/DeMo ``demo.py``):
    becomes the gradient of the inner optimizer, after DeMo's own decoupled weight decay
    ``p *= 1 - lr * weight_decay``. With sign and inner SGD: ``p -= lr * sign(G)``.
 
+The momentum is stored in DCT space (``opt.delta``: per tensor, ``(chunks, chunk_numel)``;
+``opt.momentum()`` gives it in parameter space): ``DCT(delta) <- decay*DCT(delta) +
+DCT(lr*g)``, and error feedback is a sparse subtraction of the sent coefficients. Since the
+DCT is linear and orthonormal this is the paper's update up to rounding, with one forward
+transform (of the gradient) and one inverse (of the decoded aggregate) per step instead of
+the reference's three.
+
 Determinism: in one worker's payload every (tensor, chunk, index) is distinct, so a decode
 scatter adds at most one value to each coefficient; the scatters run in member order
 (``((v_a + v_b) + v_c) / count``), so every worker computes the same bits on CPU and GPU.
@@ -45,19 +52,28 @@ momentum is built in a second buffer and only swapped in on success, and the par
 the inner optimizer are not touched. The failure is counted, logged and recorded in
 ``sync_log`` like any sync (or raised with ``strict=True``).
 
-Memory: fp32 momentum and its double buffer (2P), coefficient, accumulator and count buffers
-(3P) and two scratch buffers of the largest 2-D tensor. The momentum is kept in fp32
+Compute accounting: DeMo's own work (momentum, DCT, top-k, error feedback before the
+exchange; decode and inverse DCT after it) runs inside ``opt.compute_guard()`` (a context
+manager factory, ``contextlib.nullcontext`` by default) and its seconds accumulate in
+``opt.timings``; a simulator that serializes compute can set the guard to its lock so this
+work is charged as compute. The inner step and the wait for the exchange are outside it.
+
+Memory: fp32 momentum and its double buffer (2P), gradient, coefficient, accumulator and
+count buffers (4P) and two scratch buffers of the largest 2-D tensor. The momentum is kept in fp32
 whatever the parameter dtype (decay 0.999 would round away in bf16).
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport
-from ..dct import ChunkedDCT
+from ..dct import ChunkedDCT, chunk_size
 from .base import OuterOptimizer, PendingSync, SyncRecord, check_float, check_int
 from .registry import register_strategy
 
@@ -141,6 +157,8 @@ class DeMo(OuterOptimizer):
             self._val_dtype = params[0].dtype
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
+        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.broadcast_initial()
         self._build(params)
 
@@ -164,46 +182,85 @@ class DeMo(OuterOptimizer):
         if any(p.device != dev for p in params):
             raise ValueError("DeMo needs every parameter on one device")
         f32 = torch.float32
-        big = max([p.numel() for p in params if p.dim() >= 2], default=0)
-        scratch = (torch.empty(big, dtype=f32, device=dev), torch.empty(big, dtype=f32, device=dev)) if big else None
-        self._plans = [ChunkedDCT(p.shape, self.chunk, f32, dev, scratch=scratch if p.dim() >= 2 else None)
-                       for p in params]
-        self._k = [min(self.topk, pl.chunk_numel) for pl in self._plans]
-        self._idx_dtypes = [index_dtype(pl.chunk_numel) for pl in self._plans]
-        self._offsets = [0]
-        for p in params:
-            self._offsets.append(self._offsets[-1] + p.numel())
-        total = self._offsets[-1]
-        # Wire order: parameters sorted (stably) by index dtype, so each index dtype is one run.
-        self._order = sorted(range(len(params)), key=lambda i: _IDX_ORDER[self._idx_dtypes[i]])
-        self._idx_groups: list[tuple[torch.dtype, int]] = []  # (dtype, number of indices), in wire order
-        base, chunk_of = [], []
-        nchunks = 0
-        for i in self._order:
-            pl, k = self._plans[i], self._k[i]
-            n = pl.num_chunks * k
-            if self._idx_groups and self._idx_groups[-1][0] == self._idx_dtypes[i]:
-                self._idx_groups[-1] = (self._idx_dtypes[i], self._idx_groups[-1][1] + n)
+        # Group tensors that can be transformed together: 1-D tensors with the same chunk edge are
+        # concatenated; 2-D views (R, S) with the same column count and chunk edges are stacked along
+        # rows. Chunk edges divide each tensor's own dimensions, so no chunk straddles two tensors and
+        # the result is the per-tensor transform (one matmul per group instead of one per tensor).
+        keys: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            n = p.numel()
+            if p.dim() >= 2:
+                rows, cols = p.shape[0], n // p.shape[0]
+                key: tuple = (2, chunk_size(rows, self.chunk), chunk_size(cols, self.chunk), cols)
             else:
-                self._idx_groups.append((self._idx_dtypes[i], n))
-            rows = torch.arange(pl.num_chunks, device=dev, dtype=torch.int64)
-            # Flat position of coefficient (chunk r, index j) of tensor i in the model-wide coefficient vector.
-            base.append((self._offsets[i] + rows * pl.chunk_numel).repeat_interleave(k))
-            chunk_of.append((nchunks + rows).repeat_interleave(k))
-            nchunks += pl.num_chunks
+                key = (1, chunk_size(n, self.chunk))
+            keys.setdefault(key, []).append(i)
+        chunk_numel = {key: (key[1] * key[2] if key[0] == 2 else key[1]) for key in keys}
+        # Wire order: groups sorted (stably) by index dtype, so each index dtype is one run.
+        order = sorted(keys, key=lambda kk: _IDX_ORDER[index_dtype(chunk_numel[kk])])
+        self._offsets: list[int] = [0] * len(params)
+        self._groups: list[tuple[int, int, ChunkedDCT, int]] = []  # (start, end, transform, k), wire order
+        off = 0
+        big = max([sum(params[i].numel() for i in keys[kk]) for kk in order if kk[0] == 2], default=0)
+        scratch = (torch.empty(big, dtype=f32, device=dev), torch.empty(big, dtype=f32, device=dev)) if big else None
+        self._idx_groups: list[tuple[torch.dtype, int]] = []  # (dtype, number of indices), in wire order
+        base, chunk_of, nchunks = [], [], 0
+        for kk in order:
+            start = off
+            for i in keys[kk]:
+                self._offsets[i] = off
+                off += params[i].numel()
+            if kk[0] == 2:
+                shape: tuple[int, ...] = ((off - start) // kk[3], kk[3])
+                plan = ChunkedDCT(shape, self.chunk, f32, dev, scratch=scratch, edges=(kk[1], kk[2]))
+            else:
+                plan = ChunkedDCT((off - start,), self.chunk, f32, dev, edges=(kk[1],))
+            k = min(self.topk, plan.chunk_numel)
+            self._groups.append((start, off, plan, k))
+            dt, n = index_dtype(plan.chunk_numel), plan.num_chunks * k
+            if self._idx_groups and self._idx_groups[-1][0] == dt:
+                self._idx_groups[-1] = (dt, self._idx_groups[-1][1] + n)
+            else:
+                self._idx_groups.append((dt, n))
+            rows_ = torch.arange(plan.num_chunks, device=dev, dtype=torch.int64)
+            # Flat position of coefficient (chunk r, index j) of this group in the model-wide vector.
+            base.append((start + rows_ * plan.chunk_numel).repeat_interleave(k))
+            chunk_of.append((nchunks + rows_).repeat_interleave(k))
+            nchunks += plan.num_chunks
         self._base = torch.cat(base)
         self._chunk_of = torch.cat(chunk_of)  # for 1-bit values: the chunk (scale) of each value
         self._nvalues, self._nchunks = self._base.numel(), nchunks
         self._ones = torch.ones(self._nvalues, dtype=f32, device=dev)
+        total = off
         self._coef = torch.zeros(total, dtype=f32, device=dev)
         self._acc = torch.zeros(total, dtype=f32, device=dev)
         self._cnt = torch.zeros(total, dtype=f32, device=dev)
-        self.delta = [torch.zeros(p.shape, dtype=f32, device=dev) for p in params]
-        self._work = [torch.zeros(p.shape, dtype=f32, device=dev) for p in params]
+        self._spatial = torch.zeros(total, dtype=f32, device=dev)  # lr * g in the grouped layout
+        # The momentum is kept in DCT space (see the class docstring), with its double buffer.
+        self._delta_flat = torch.zeros(total, dtype=f32, device=dev)
+        self._work_flat = torch.zeros(total, dtype=f32, device=dev)
+        self._shapes = [p.shape for p in params]
+        numel_of = {i: plan.chunk_numel for (start, end, plan, _) in self._groups for i in range(len(params))
+                    if start <= self._offsets[i] < end}
+        self._coef_shapes = [torch.Size((p.numel() // numel_of[i], numel_of[i])) for i, p in enumerate(params)]
+        self.delta = self._views(self._delta_flat, self._coef_shapes)
+        self._work = self._views(self._work_flat, self._coef_shapes)
 
-    def _view(self, buf: torch.Tensor, i: int) -> torch.Tensor:
-        pl = self._plans[i]
-        return buf[self._offsets[i]:self._offsets[i + 1]].view(pl.num_chunks, pl.chunk_numel)
+    def _views(self, flat: torch.Tensor, shapes: list[torch.Size] | None = None) -> list[torch.Tensor]:
+        shapes = self._shapes if shapes is None else shapes
+        return [flat[o:o + s.numel()].view(s) for o, s in zip(self._offsets, shapes)]
+
+    @torch.no_grad()
+    def momentum(self) -> list[torch.Tensor]:
+        """The momentum ``delta`` of every parameter in parameter space (new tensors, parameter shapes)."""
+        out = torch.empty_like(self._delta_flat)
+        for g in range(len(self._groups)):
+            self._groups[g][2].decode(self._group(self._delta_flat, g), out=self._group(out, g, False))
+        return self._views(out)
+
+    def _group(self, buf: torch.Tensor, g: int, coefficients: bool = True) -> torch.Tensor:
+        start, end, plan, _ = self._groups[g]
+        return buf[start:end].view((plan.num_chunks, plan.chunk_numel) if coefficients else plan.shape)
 
     def payload_bytes(self) -> int:
         """Bytes of one worker's payload (what it sends to each peer every step)."""
@@ -230,19 +287,61 @@ class DeMo(OuterOptimizer):
     def _exchange_and_step(self) -> bool:
         params = self.params
         lrs = [g["lr"] for g in self.inner.param_groups for _ in g["params"]]
-        idx_parts, val_parts = [], []
-        for i in self._order:
-            p, pl, k = params[i], self._plans[i], self._k[i]
-            work = self._work[i]
-            # delta_new = decay * delta + lr * g, built beside delta so a failed step can keep the old one.
-            torch.mul(self.delta[i], self.decay, out=work)
-            if p.grad is not None:
-                work.add_(p.grad, alpha=lrs[i])
-            coef = pl.encode(work, out=self._view(self._coef, i))
-            mag = torch.abs(coef, out=self._view(self._acc, i))
+        with self.compute_guard():
+            t0 = time.perf_counter()
+            handle, pending = self._encode_and_launch(params, lrs)
+            self.timings["encode"] += time.perf_counter() - t0
+        try:
+            gathered = handle.wait(self.timeout)
+        except CommError as e:
+            self.handle_failure(pending, e, rollback=lambda _p: None)  # nothing was applied; delta is untouched
+            return False
+        with self.compute_guard():
+            t0 = time.perf_counter()
+            self._decode(gathered)
+            for g in range(len(self._groups)):
+                self._groups[g][2].decode(self._group(self._acc, g), out=self._group(self._coef, g, False))
+            if self.sign:
+                self._coef.sign_()
+            update = self._views(self._coef)
+            have = [i for i, p in enumerate(params) if p.grad is not None and p.grad.dtype == update[i].dtype]
+            torch._foreach_copy_([params[i].grad for i in have], [update[i] for i in have])
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    p.grad = update[i].to(p.dtype, copy=True)
+                elif p.grad.dtype != update[i].dtype:
+                    p.grad.copy_(update[i])
+            if self.weight_decay:
+                torch._foreach_mul_(params, [1.0 - lr * self.weight_decay for lr in lrs])
+            self.timings["decode"] += time.perf_counter() - t0
+            self.timings["steps"] += 1
+        self.inner.step()
+        self._delta_flat, self._work_flat = self._work_flat, self._delta_flat
+        self.delta, self._work = self._work, self.delta
+        self.sync_count += 1
+        self.sync_log.append(self._record(pending, True))
+        return True
+
+    def _encode_and_launch(self, params: list[torch.Tensor], lrs: list[float]) -> tuple[Handle, PendingSync]:
+        """New momentum, its top-k DCT coefficients, launch the all-gather, error feedback."""
+        # DCT(delta_new) = decay * DCT(delta) + DCT(lr * g), built beside delta so a failed step keeps it.
+        spatial = self._views(self._spatial)
+        for i, p in enumerate(params):
+            if p.grad is None:
+                spatial[i].zero_()
+            else:
+                torch.mul(p.grad, lrs[i], out=spatial[i])
+        idx_parts, val_parts, scale_parts = [], [], []
+        for g, (_, _, plan, k) in enumerate(self._groups):
+            coef = plan.encode(self._group(self._spatial, g, False), out=self._group(self._work_flat, g))
+            coef.add_(self._group(self._delta_flat, g), alpha=self.decay)
+            mag = torch.abs(coef, out=self._group(self._acc, g))
             idx = torch.topk(mag, k, dim=1, largest=True, sorted=False).indices
+            val = coef.gather(1, idx)
             idx_parts.append(idx.reshape(-1))
-            val_parts.append(coef.gather(1, idx).reshape(-1))
+            val_parts.append(val.reshape(-1))
+            if self.values == "sign":  # scaled sign: one scale per chunk, the mean |kept value|
+                scale_parts.append(val.abs().mean(1))
         idx_own = torch.cat(idx_parts)
         vals = torch.cat(val_parts)
         payload = []
@@ -251,10 +350,7 @@ class DeMo(OuterOptimizer):
             payload.append(idx_own[start:start + n].to(dt))
             start += n
         if self.values == "sign":
-            # Scaled sign (1 bit + a bf16 scale per chunk): scale = mean |kept value| of the chunk.
-            mags = torch.zeros(self._nchunks, dtype=torch.float32, device=vals.device)
-            mags.index_add_(0, self._chunk_of, vals.abs())
-            scales = mags.div_(torch.bincount(self._chunk_of, minlength=self._nchunks)).to(torch.bfloat16)
+            scales = torch.cat(scale_parts).to(torch.bfloat16)
             pos = vals >= 0
             payload += [_pack_bits(pos), scales]
             sent = self._sign_values(pos, scales)
@@ -270,34 +366,11 @@ class DeMo(OuterOptimizer):
             handle = Handle.failed(e)
         pending = PendingSync(_Unit(), handle, [], self.local_step)  # type: ignore[arg-type]
 
-        # Error feedback while the exchange runs: delta_new -= IDCT(what was sent).
-        self._acc.zero_()
-        self._acc.scatter_(0, gidx_own, sent)
-        for i in self._order:
-            tx = self._plans[i].decode(self._view(self._acc, i), out=self._view(self._coef, i).view(params[i].shape))
-            self._work[i].sub_(tx)
-
-        try:
-            gathered = handle.wait(self.timeout)
-        except CommError as e:
-            self.handle_failure(pending, e, rollback=lambda _p: None)  # nothing was applied; delta is untouched
-            return False
-        self._decode(gathered)
-        for i, p in enumerate(params):
-            g = self._plans[i].decode(self._view(self._acc, i), out=self._view(self._coef, i).view(p.shape))
-            if self.sign:
-                g.sign_()
-            if p.grad is None:
-                p.grad = g.to(p.dtype, copy=True)
-            else:
-                p.grad.copy_(g)
-            if self.weight_decay:
-                p.mul_(1.0 - lrs[i] * self.weight_decay)
-        self.inner.step()
-        self.delta, self._work = self._work, self.delta
-        self.sync_count += 1
-        self.sync_log.append(self._record(pending, True))
-        return True
+        # Error feedback: delta_new -= what was sent. In DCT space that is a sparse subtraction at
+        # distinct positions (the paper subtracts IDCT(sent) in parameter space; the DCT is linear
+        # and orthonormal, so this is the same update and saves one inverse transform per step).
+        self._work_flat.scatter_add_(0, gidx_own, sent.neg())
+        return handle, pending
 
     def _record(self, pending: PendingSync, committed: bool) -> SyncRecord:
         return SyncRecord("all", pending.launch_step, self.local_step,
@@ -348,11 +421,11 @@ class DeMo(OuterOptimizer):
     # ---- state -------------------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:
         # Copies: the momentum is double-buffered, so the live tensors are reused as scratch later.
-        return {"delta": [d.clone() for d in self.delta]}
+        return {"delta_dct": [d.clone() for d in self.delta]}
 
     @torch.no_grad()
     def load_extra_state_dict(self, sd: dict[str, Any]) -> None:
-        delta = sd.get("delta")
+        delta = sd.get("delta_dct")
         if delta is None or len(delta) != len(self.delta):
             raise ValueError(f"state has no DeMo momentum for {len(self.delta)} tensors; pass what "
                              f"DeMo.state_dict() returned for the same model")
