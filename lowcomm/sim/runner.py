@@ -273,18 +273,25 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             with shared.lock, torch.no_grad():
                 per_worker = shared.params
                 differ = False
+                sq, count = 0.0, 0
                 for i, p in enumerate(eval_params):
                     stack = torch.stack([ps[i] for ps in per_worker])
                     p.copy_(stack.mean(0))
                     differ = differ or bool((stack != stack[0]).any())
+                    sq += float((stack.double() - p.double()).pow(2).sum())
+                    count += stack.numel()
                 loss = evaluate(eval_model, eval_batches)
+                # spread: RMS over workers and parameters of theta_i - mean_j theta_j (NoLoCo's
+                # reference code logs the same "weight std"); 0 where every worker agrees.
                 point = {"step": step, "tokens": step * tokens_per_step, "bytes": ledger_bytes(),
-                         "eval_loss": loss, "train_loss": train_loss, "elapsed": time.monotonic() - t_start}
+                         "eval_loss": loss, "train_loss": train_loss, "spread": math.sqrt(sq / max(1, count)),
+                         "elapsed": time.monotonic() - t_start}
                 shared.curve.append(point)
                 if writer is not None:
                     writer.add_scalar(f"{name}/eval_loss", loss, step)
                     writer.add_scalar(f"{name}/train_loss", train_loss, step)
                     writer.add_scalar(f"{name}/bytes_per_worker", point["bytes"], step)
+                    writer.add_scalar(f"{name}/spread", point["spread"], step)
                 if progress is not None:
                     progress(f"[{name}] step {step}/{cfg.steps}  held-out {loss:.3f}  train {train_loss:.3f}  "
                              f"bytes/worker {point['bytes'] / 1e6:.1f} MB  ({point['elapsed']:.0f} s)")
