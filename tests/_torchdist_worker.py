@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -52,9 +53,13 @@ class BlockInt8(Codec):
 # ---- models and data shared by both runs ---------------------------------------------------------
 
 
+_INIT_LOCK = threading.Lock()  # local workers are threads sharing torch's global RNG
+
+
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
 def batch(replica, part, step, n=5):
@@ -102,10 +107,11 @@ def scenario_two(t):
         for i, p in enumerate(parts):
             out[f"gather/{m}/{i}"] = p
     g = torch.Generator().manual_seed(7 + r)
-    for codec in (Bf16Cast(), BlockInt8()):
+    for codec in (Bf16Cast(), BlockInt8(), "int8", "int4"):  # test codecs, then lowcomm's own
+        name = codec if isinstance(codec, str) else codec.name
         x = [torch.randn(37, generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16)]
         t.all_reduce(x, op="mean", codec=codec).wait(60)
-        out[f"q/{codec.name}/0"], out[f"q/{codec.name}/1"] = x
+        out[f"q/{name}/0"], out[f"q/{name}/1"] = x
     b = [torch.full((4,), float(r)), torch.full((2,), r, dtype=torch.int32)]
     t.broadcast(b, src=1).wait(60)
     out["bcast/0"], out["bcast/1"] = b
@@ -132,6 +138,9 @@ def scenario_four_members(t):
     q = [torch.randn(103, generator=g)]
     t.all_reduce(q, op="mean", codec=BlockInt8()).wait(60)
     out["q4"] = q[0]
+    q = [torch.randn(1000, generator=g)]
+    t.all_reduce(q, op="mean", codec="int8").wait(60)
+    out["q4int8"] = q[0]
     got = t.all_gather([torch.randn(r * 3, generator=g)]).wait(60)
     for m, parts in enumerate(got):
         out[f"gather4/{m}"] = parts[0]

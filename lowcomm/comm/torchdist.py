@@ -162,12 +162,15 @@ class _GroupP2P(P2PTransport):
     def _send(self, peer: int, tag: tuple, parts: list[torch.Tensor], rec: OpRecord) -> None:
         """Post the sends of ``parts`` to ``peer`` (gloo sends asynchronously).
 
-        The buffers are not copied: the algorithms of p2p only overwrite a sent shard after
-        the peer it went to has answered, and every send is waited for before the operation
-        ends (:meth:`_flush_sends`).
+        Uncompressed buffers are not copied: the algorithms of p2p only overwrite a sent
+        shard after the peer it went to has answered, and every send is waited for before
+        the operation ends (:meth:`_flush_sends`).
         """
         wt = _wire_tag(tag)
         parts = [p.detach().contiguous() for p in parts]
+        if tag[1] in ("qrs", "qag"):
+            # Codec output is small; copy it in case a codec hands out reused buffers.
+            parts = [p.clone() for p in parts]
         words = [len(parts)]
         for p in parts:
             if p.dtype not in _DTYPE_CODE:
