@@ -41,6 +41,10 @@ from lowcomm.sim.report import format_bytes, format_seconds  # noqa: E402
 from lowcomm.sim.runner import Projection, SimConfig, run_strategy  # noqa: E402
 
 CALIBRATION = GPTConfig(n_layer=4, n_embd=128, n_head=4, seq_len=128)
+MODELS = {
+    "calibration": CALIBRATION,  # DESIGN 9: 0.84M parameters
+    "small": GPTConfig(n_layer=4, n_embd=64, n_head=4, seq_len=64),  # lowcomm sim's default: 0.22M, ~4x cheaper
+}
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict]:
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
             r = run_strategy(strategy, cfg, knobs,
                              progress=(lambda s, lab=label, sd=seed: print(f"{lab} seed {sd}: {s}", flush=True)))
             d = r.to_dict()
-            d.update(spec=label, seed=seed, warm_start=args.warm_start, wall=time.monotonic() - t0,
+            d.update(spec=label, seed=seed, warm_start=args.warm_start, model=args.model, wall=time.monotonic() - t0,
                      machine=machine())
             with open(path, "a") as f:
                 f.write(json.dumps(d) + "\n")
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def make_cfg(args, seed, steps, workers) -> SimConfig:
-    return SimConfig(workers=workers, steps=steps, batch_size=16, model=CALIBRATION, lr=args.lr,
+    return SimConfig(workers=workers, steps=steps, batch_size=16, model=MODELS[args.model], lr=args.lr,
                      warmup=max(1, steps // 20), seed=seed, data=args.data, eval_every=args.eval_every,
                      eval_sequences=128, threads=2, projection=Projection(params=1e9))
 
@@ -166,6 +170,8 @@ def main() -> None:
     p.add_argument("--runs", default="ddp,single,diloco:sync_every=25,diloco:sync_every=50,diloco:sync_every=100,"
                                      "fedavg:sync_every=50")
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--model", choices=sorted(MODELS), default="calibration",
+                   help="calibration: 0.84M GPT (4x128, context 128); small: 0.22M (4x64, context 64)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
