@@ -318,8 +318,12 @@ def _barrier(layout: _Layout) -> None:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+def _say(text: str) -> None:
+    print(text, flush=True)  # flushed: progress must show through pipes (torchrun, peers, the lab)
+
+
 def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | str = False,
-          progress: Callable[[str], None] | None = print, stop: threading.Event | None = None,
+          progress: Callable[[str], None] | None = _say, stop: threading.Event | None = None,
           every_member_logs: bool = False) -> TrainResult:
     """Train ``cfg`` on ``transport`` (default: ``lowcomm.connect(cfg.replica_size)``).
 
@@ -463,6 +467,13 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             sync_seconds += time.monotonic() - t0
         step += 1
         tokens += cfg.batch_size * m.seq_len
+        if attach is not None and getattr(opt, "local_step", step) != step:
+            # The run dropped this peer (it missed a sync) and it re-joined from a donor's snapshot
+            # inside opt.step(): continue from the donor's step, on the schedule the run is on.
+            say(f"re-joined the run at step {opt.local_step} (was at step {step})")
+            step = int(opt.local_step)
+            stream.step = step
+            tokens = step * cfg.batch_size * m.seq_len
         last_loss = loss_sum / cfg.grad_accum
 
         if step % cfg.log_every == 0 or step == cfg.steps:
