@@ -196,6 +196,16 @@ def test_lost_rank_fails_survivor_clearly(two):
     assert meta["after"] == "TransportFailed"
 
 
+def test_stalled_member_times_out(two):
+    """Rank 1 stays away from an all_reduce: rank 0 fails at its 3 s deadline naming member 1;
+    rank 1, arriving later, fails too instead of hanging."""
+    s0, s1 = two[0][1]["stall"], two[1][1]["stall"]
+    # (the p2p layer reports every failed operation as PeerLost; the cause says it was the deadline)
+    assert s0["error"] in ("PeerLost", "CommTimeout"), s0
+    assert "member 1 (global rank 1) before the deadline (3s)" in s0["message"], s0
+    assert s1["error"] in ("PeerLost", "CommTimeout"), s1
+
+
 def test_init_timeout_raises(tmp_path):
     res = launch("init-timeout", 1, tmp_path, world_size=2)
     assert res[0][0] == 0, res[0][1][-3000:]
