@@ -102,6 +102,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     out_dir: str = ""  # output folder ("" = runs/<name>)
     replica_size: int = 1  # ranks per replica under torchrun (ordinary data parallelism inside)
+    hierarchical: bool = True  # torchrun: each of a replica's R ranks syncs 1/R across replicas, then all-gathers
     device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda"
     amp: bool = True  # bf16 autocast on CUDA
     threads: int = 0  # torch CPU threads (0: leave as is)
@@ -336,7 +337,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     if transport is None:
         from .comm import connect
 
-        transport = connect(cfg.replica_size)
+        transport = connect(cfg.replica_size)  # flat sync; main() asks torchrun runs for the hierarchical one
     layout = _Layout(transport, cfg.replica_size)
     if every_member_logs:
         layout.chief = layout.leader
@@ -560,7 +561,12 @@ def main(args) -> int:
     try:
         from .comm import connect
 
-        transport = connect(cfg.replica_size)
+        under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if under_torchrun and not os.environ.get("LOWCOMM_COORDINATOR"):
+            # The slow cross-replica links carry one copy of the model per replica, not one per rank.
+            transport = connect(cfg.replica_size, hierarchical=cfg.hierarchical)
+        else:
+            transport = connect(cfg.replica_size)
         train(cfg, transport=transport, resume=args.resume)
     finally:
         if transport is not None:

@@ -1,5 +1,6 @@
 """The training loop: torchrun (2 replicas x 2 ranks) = local transport, resume = uninterrupted, recipes."""
 
+import json
 import os
 import shutil
 import socket
@@ -30,12 +31,11 @@ def config():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small text corpus (a few stdlib files), so every process loads it in milliseconds."""
-    import json as _json
     import textwrap as _textwrap
 
     d = tmp_path_factory.mktemp("corpus")
     with open(d / "text.txt", "wb") as f:
-        for mod in (_json, _textwrap, socket, shutil, subprocess):
+        for mod in (json, _textwrap, socket, shutil, subprocess):
             f.write(open(mod.__file__, "rb").read())
     return str(d / "text.txt")
 
@@ -92,6 +92,7 @@ def _assert_close(a, b, tol):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= tol, f"max abs difference {worst} > {tol}"
+    return worst
 
 
 def test_recipes_load_and_overrides(tmp_path, corpus):
@@ -139,22 +140,30 @@ def test_torchrun_2x2_equals_local_transport(tmp_path, corpus):
     pytest.importorskip("lowcomm.comm.torchdist")
     recipe = _recipe(tmp_path, corpus)
     ref_dir, tr_dir, nn_dir = (str(tmp_path / n) for n in ("ref", "torchrun", "nnodes"))
-    # Local reference: 2 replicas of one rank each, the replica's batch in 2 micro-batches.
-    _local(recipe, ref_dir, "grad_accum=2")
-    ref = [_final(ref_dir, r) for r in range(2)]
     common = ["-m", "lowcomm.train", "--recipe", recipe, "--set", "replica_size=2"]
-    # One launch of 4 ranks: 2 replicas x 2 ranks, DDP inside each replica.
-    p = _torchrun(["--nproc-per-node", "4", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                   *common, "--out", tr_dir])
-    _finish([p])
+    # All launches start at once (process start-up dominates on a small machine) and are ended by _finish.
+    # One launch of 4 ranks: 2 replicas x 2 ranks, DDP inside each replica, hierarchical sync across.
+    procs = [_torchrun(["--nproc-per-node", "4", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                        *common, "--out", tr_dir])]
     # The multi-node path: two launches on localhost, one node (= one replica) each.
     port = str(_free_port())
-    procs = [_torchrun(["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "2", "--master-addr",
-                        "127.0.0.1", "--master-port", port, *common, "--out", nn_dir]) for n in range(2)]
-    _finish(procs)
+    procs += [_torchrun(["--nnodes", "2", "--node-rank", str(n), "--nproc-per-node", "2", "--master-addr",
+                         "127.0.0.1", "--master-port", port, *common, "--out", nn_dir]) for n in range(2)]
+    try:
+        # Local reference: 2 replicas of one rank each, the replica's batch in 2 micro-batches.
+        _local(recipe, ref_dir, "grad_accum=2")
+    finally:
+        _finish(procs)
+    ref = [_final(ref_dir, r) for r in range(2)]
     for r in range(2):
-        _assert_close(ref[r], _final(tr_dir, r), 1e-6)
-        _assert_close(ref[r], _final(nn_dir, r), 1e-6)
+        print(f"replica {r}: torchrun vs local max abs diff {_assert_close(ref[r], _final(tr_dir, r), 1e-6):.3g}, "
+              f"2 nodes vs local {_assert_close(ref[r], _final(nn_dir, r), 1e-6):.3g}")
+    # Hierarchical sync: rank 0 of a replica sends the initial broadcast (4n bytes, as the reference does)
+    # but only its half of every cross-replica all-reduce.
+    n = sum(t.numel() for t in ref[0].values())
+    sent = {d: json.load(open(os.path.join(d, "result.json")))["bytes_sent"] for d in (ref_dir, tr_dir, nn_dir)}
+    assert sent[tr_dir] == sent[nn_dir] == (sent[ref_dir] + 4 * n) // 2, (sent, n)
+    for r in range(2):
         # Within one transport the two launch layouts compute the same thing in the same order.
         _assert_close(_final(tr_dir, r), _final(nn_dir, r), 0.0)
 
