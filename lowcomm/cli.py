@@ -14,6 +14,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("lowcomm.sim.cli", "simulate W workers per strategy on one machine: loss, bytes, wall-clock"),
+    "train": ("lowcomm.train", "train with a recipe: standalone (a world of one) or under torchrun (replicas)"),
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from lowcomm.comm.p2p import shard_bounds
 from lowcomm.models import GPTConfig
 from lowcomm.outer.registry import register_strategy
-from lowcomm.sim import CommEvent, Network, SimConfig, build_knobs, rounds, run_strategy, simulate_clock
+from lowcomm.sim import CommEvent, Network, Projection, SimConfig, build_knobs, rounds, run_strategy, simulate_clock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=16)
@@ -47,8 +47,9 @@ def test_clock_hand_computed():
 @pytest.mark.parametrize("strategy,syncs", [("ddp", 6), ("diloco", 2)])
 def test_bytes_match_closed_form(strategy, syncs):
     W, steps = 3, 6
+    proj = Projection(params=1e9, flops=1e15, mfu=0.5, tokens_per_step=1000)
     cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=3, eval_sequences=4,
-                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup=1)
+                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup=1, projection=proj)
     r = run_strategy(strategy, cfg, {"sync_every": 3})
     P = r.params
     per_sync = allreduce_bytes(P, W)
@@ -68,6 +69,14 @@ def test_bytes_match_closed_form(strategy, syncs):
                   + syncs * net.seconds("all_reduce", W, max(per_sync)))
         assert r.sim_seconds[label] == pytest.approx(expect, rel=1e-12)
     assert r.sim_seconds["1Mbit"] > r.sim_seconds["1Gbit"]
+    # The projection: 6 * params * tokens / (flops * mfu) per step, the ledger's bytes scaled by 1e9 / P.
+    assert proj.step_seconds == pytest.approx(6 * 1e9 * 1000 / 5e14)
+    net = Network(1e9, 0.01)
+    scale = 1e9 / P
+    expect = (steps * proj.step_seconds + net.seconds("broadcast", W, int(bcast[0] * scale))
+              + syncs * net.seconds("all_reduce", W, int(max(per_sync) * scale)))
+    assert r.projection["sim_seconds"]["1Gbit"] == pytest.approx(expect, rel=1e-12)
+    assert r.projection["label"] == "projection"
 
 
 def test_knobs_go_only_to_strategies_that_take_them():

@@ -109,7 +109,11 @@ def _select(spec: str | None) -> list[str]:
     from ..outer.registry import available, default_strategies, get_strategy
 
     _load_plugins()
-    names = default_strategies() if spec is None else [s.strip() for s in spec.split(",") if s.strip()]
+    if spec is None:
+        # The baselines first (stable sort), then the others in registration order.
+        names = sorted(default_strategies(), key=lambda n: (n != "ddp", n != "diloco"))
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ValueError(f"no strategies selected; available: {', '.join(available())}")
     for n in names:
