@@ -205,6 +205,13 @@ def main(scenario, outdir):
         out.update(ddp_run(th, "hier"))
         meta["hier_ledger"] = ledger_rows(th.ledger)
         meta["hier_replica_ledger"] = ledger_rows(th.replica_ledger)
+        # mixed dtypes and a codec on the hierarchical path (same tensors inside a replica)
+        g = torch.Generator().manual_seed(5 + t.replica_id)
+        xs = [torch.randn(41, generator=g), torch.randn(3, 7, generator=g).to(torch.bfloat16)]
+        for name, tr, codec in (("flat", t, None), ("hier", th, None), ("hierq", th, "int8")):
+            ys = [x.clone() for x in xs]
+            tr.all_reduce(ys, codec=codec).wait(60)
+            out[f"hmix/{name}/0"], out[f"hmix/{name}/1"] = ys
         t1 = TorchDistTransport(1, timeout=60)
         o, m = scenario_four_members(t1)
         out.update(o)

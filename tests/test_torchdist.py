@@ -180,6 +180,12 @@ def test_hierarchical_equals_flat_with_one_replica_copy_across(four):
             # each about half of what every rank sends on the flat path
             assert h[1] + m[1] == f[1]
             assert abs(h[1] - f[1] / 2) <= 8
+        # mixed dtypes: the same bits as the flat path; with int8 every rank holds the same
+        # bits, close to the exact mean
+        for i in range(2):
+            assert torch.equal(four[g][0][f"hmix/flat/{i}"], four[g][0][f"hmix/hier/{i}"])
+            assert torch.equal(four[g][0][f"hmix/hierq/{i}"], four[0][0][f"hmix/hierq/{i}"])
+            assert maxdiff(four[g][0][f"hmix/hierq/{i}"], four[g][0][f"hmix/flat/{i}"]) < 0.05
         # and the shards travel inside the replica instead
         intra = meta["hier_replica_ledger"]
         assert len(intra) == W.STEPS // W.H and all(row[1] > 0 for row in intra)
