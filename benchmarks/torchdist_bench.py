@@ -3,12 +3,14 @@
     python3 benchmarks/torchdist_bench.py --procs 4 --mib 1 16 --reps 5
 
 Starts ``--procs`` local processes with torchrun's variables (gloo on loopback). Each size is
-reduced ``--reps`` times by (a) ``torch.distributed.all_reduce`` on a gloo group (a ring: the
-baseline), (b) :class:`lowcomm.comm.torchdist.TorchDistTransport` (replica_size 1: every rank
-is a member; reduce-scatter to shard owners over gloo send/recv, then all-gather, plus a
-one-byte-per-member commit vote), and, when ``--procs`` is even, (c) the same with 2-rank
-replicas, flat and ``hierarchical=True``. Rank 0 prints the median seconds, the algorithm
-bandwidth (bytes of the buffer / seconds) and the bytes its ledger counted per operation.
+reduced ``--reps`` times (the methods interleaved, so that a busy machine slows them alike;
+"x ring" is the median of the per-rep time ratios to gloo's ring) by (a)
+``torch.distributed.all_reduce`` on a gloo group (a ring: the baseline), (b)
+:class:`lowcomm.comm.torchdist.TorchDistTransport` with replica_size 1 (every rank is a member:
+reduce-scatter to shard owners over gloo send/recv, all-gather, then a small commit vote), and,
+when ``--procs`` is even, (c) the same with 2-rank replicas, flat and ``hierarchical=True``.
+Rank 0 prints the median seconds, the algorithm bandwidth (buffer bytes / seconds) and the
+bytes its ledger counted per operation.
 """
 
 from __future__ import annotations
@@ -40,34 +42,33 @@ def worker(mibs: list[float], reps: int) -> None:
     rows = []
     for mib in mibs:
         n = int(mib * (1 << 20) / 4)
-        x = torch.randn(n)
-
-        def timed(fn):
-            ts = []
-            for _ in range(reps):
+        # every method reduces its own buffer in place, again and again (values do not matter)
+        y = torch.randn(n)
+        methods = [("gloo dist.all_reduce (ring)", None, lambda y=y: dist.all_reduce(y, group=ring)),
+                   (f"lowcomm TorchDistTransport, {W} members", t1, lambda y=y: t1.all_reduce([y]).wait(600))]
+        methods += [(f"lowcomm {name}", tr, lambda tr=tr, y=y: tr.all_reduce([y]).wait(600)) for name, tr in pairs]
+        times = {name: [] for name, _, _ in methods}
+        before = {name: (tr.ledger.bytes_sent if tr else 0) for name, tr, _ in methods}
+        # Interleaved: rep k of every method runs back to back, so a busy machine slows all alike.
+        for _ in range(reps):
+            for name, _, fn in methods:
                 dist.barrier(group=ring)
                 t0 = time.perf_counter()
                 fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
-
-        # every method reduces its own buffer in place, again and again (values do not matter)
-        y = x.clone()
-        rows.append((mib, "gloo dist.all_reduce (ring)", timed(lambda y=y: dist.all_reduce(y, group=ring)), None))
-        before = t1.ledger.bytes_sent
-        s = timed(lambda y=y: t1.all_reduce([y]).wait(600))
-        rows.append((mib, f"lowcomm TorchDistTransport, {W} members", s, (t1.ledger.bytes_sent - before) // reps))
-        for name, tr in pairs:
-            before = tr.ledger.bytes_sent
-            s = timed(lambda tr=tr, y=y: tr.all_reduce([y]).wait(600))
-            rows.append((mib, f"lowcomm {name}", s, (tr.ledger.bytes_sent - before) // reps))
+                times[name].append(time.perf_counter() - t0)
+        base = times[methods[0][0]]
+        for name, tr, _ in methods:
+            ratio = statistics.median(a / b for a, b in zip(times[name], base))
+            led = None if tr is None else (tr.ledger.bytes_sent - before[name]) // reps
+            rows.append((mib, name, statistics.median(times[name]), ratio, led))
     if rank == 0:
         print(f"world {W}, {reps} reps, median of each; ledger = bytes rank 0 counted per operation "
               f"(cross-replica only for replicas)")
-        print(f"{'MiB':>6}  {'method':<42} {'seconds':>9} {'GB/s':>7} {'ledger bytes':>14} {'/ buffer':>8}")
-        for mib, name, sec, led in rows:
+        print(f"{'MiB':>6}  {'method':<42} {'seconds':>9} {'GB/s':>7} {'x ring':>7} {'ledger bytes':>14} "
+              f"{'/ buffer':>8}")
+        for mib, name, sec, ratio, led in rows:
             nbytes = int(mib * (1 << 20) / 4) * 4
-            print(f"{mib:6g}  {name:<42} {sec:9.4f} {nbytes / sec / 1e9:7.3f} "
+            print(f"{mib:6g}  {name:<42} {sec:9.4f} {nbytes / sec / 1e9:7.3f} {ratio:7.2f} "
                   f"{'' if led is None else led:>14} {'' if led is None else f'{led / nbytes:.3f}':>8}")
     dist.barrier(group=ring)
 
