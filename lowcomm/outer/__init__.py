@@ -5,6 +5,7 @@ from .demo import DeMo
 from .diloco import DiLoCo
 from .noloco import NoLoCo, noloco_groups
 from .registry import Strategy, available, get_strategy, register_strategy
+from .streaming import StreamingDiLoCo
 
-__all__ = ["DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "SyncUnit", "available",
+__all__ = ["DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "StreamingDiLoCo", "SyncUnit", "available",
            "default_outer_optimizer", "get_strategy", "noloco_groups", "register_strategy"]
