@@ -48,6 +48,7 @@ not complete within ``timeout`` raises ``CommTimeout``.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import threading
@@ -70,6 +71,19 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int32, torch.int64, torch.bool)
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 _MAX_HEADER = 1 << 16  # int64 words; a header longer than this is corrupt
+_HEADER = 32  # int64 words in a message's first (fixed-size) header; longer ones continue in a second
+_ONE_SENDER = ("bc",)  # phases where one member sends to the others (no receives posted ahead)
+
+
+class _Incoming:
+    """A message being received: its fixed-size header, then its parts."""
+
+    __slots__ = ("hdr", "work", "parts", "works")
+
+    def __init__(self, hdr: torch.Tensor, work: Any):
+        self.hdr, self.work = hdr, work
+        self.parts: list[torch.Tensor] | None = None
+        self.works: list[Any] = []
 
 
 class TransportFailed(RuntimeError):
@@ -106,6 +120,8 @@ class _GroupP2P(P2PTransport):
         self._op_lost: set[int] = set()
         self._op_error: CommError | None = None
         self._failure: BaseException | None = None
+        self._op_members: list[int] = []
+        self._inbox: dict[tuple[int, int], collections.deque] = {}
 
     @property
     def rank(self) -> int:
@@ -128,6 +144,7 @@ class _GroupP2P(P2PTransport):
 
     def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
         def noted(*args):
+            self._op_members = list(args[2])
             try:
                 return body(*args)
             except CommError as e:  # kept so that the fail-stop error can say what happened
@@ -171,36 +188,49 @@ class _GroupP2P(P2PTransport):
         if tag[1] in ("qrs", "qag"):
             # Codec output is small; copy it in case a codec hands out reused buffers.
             parts = [p.clone() for p in parts]
-        words = [len(parts)]
+        words = [0, len(parts)]
         for p in parts:
             if p.dtype not in _DTYPE_CODE:
                 raise CommError(f"cannot send dtype {p.dtype}; supported: {[str(d) for d in _DTYPES]}")
             if p.device.type != "cpu":
                 raise CommError("internal: lowcomm's gloo messages carry host tensors only")
             words += [_DTYPE_CODE[p.dtype], p.dim(), *p.shape]
-        header = torch.tensor(words, dtype=torch.int64)
-        size = torch.tensor([header.numel()], dtype=torch.int64)
-        keep = [size, header, *parts]
-        for t in (size, header, *[p for p in parts if p.numel() > 0]):
+        words[0] = len(words)
+        if len(words) > _MAX_HEADER:
+            raise CommError(f"a message of {len(parts)} tensors is too large a header; send fewer, larger tensors")
+        header = torch.zeros(max(_HEADER, len(words)), dtype=torch.int64)
+        header[:len(words)] = torch.tensor(words, dtype=torch.int64)
+        # The first _HEADER words go as one fixed-size message (its receive is posted ahead of
+        # time, see _recv); a longer header continues in a second message.
+        msgs = [header[:_HEADER]] + ([header[_HEADER:]] if len(words) > _HEADER else [])
+        keep = [header, *parts]
+        for t in (*msgs, *[p for p in parts if p.numel() > 0]):
             work = self._post(dist.isend, t, peer, wt, f"sending {tag[1:]}")
             self._pending.append((peer, work, keep))
         # Payload only, as the local transport counts it; the header is framing.
         self.ledger.add(rec, peer, sum(p.numel() * p.element_size() for p in parts))
 
-    def _recv(self, peer: int, tag: tuple, deadline: float) -> list[torch.Tensor]:
-        wt = _wire_tag(tag)
-        what = f"message {tag[1:]} of operation {tag[0]}"
-        size = torch.empty(1, dtype=torch.int64)
-        self._wait(self._post(dist.irecv, size, peer, wt, what), peer, deadline, what)
-        n = int(size.item())
-        if not 1 <= n <= _MAX_HEADER:
-            raise CommError(f"corrupt header length {n} from {self._describe(peer)}")
-        header = torch.empty(n, dtype=torch.int64)
-        self._wait(self._post(dist.irecv, header, peer, wt, what), peer, deadline, what)
-        words = header.tolist()
-        parts, works, i = [], [], 1
+    def _post_header(self, peer: int, wt: int) -> None:
+        hdr = torch.empty(_HEADER, dtype=torch.int64)
+        work = self._post(dist.irecv, hdr, peer, wt, "a message header")
+        self._inbox.setdefault((peer, wt), collections.deque()).append(_Incoming(hdr, work))
+
+    def _advance(self, inc: _Incoming, peer: int, wt: int, deadline: float, block: bool, what: str) -> None:
+        """Once ``inc``'s header is in, post the receives of its parts (so their data flows)."""
+        if inc.parts is not None or (not block and not inc.work.is_completed()):
+            return
+        self._wait(inc.work, peer, deadline, what)
+        words = inc.hdr.tolist()
+        n = words[0]
+        if not 2 <= n <= _MAX_HEADER:
+            raise CommError(f"corrupt header (length {n}) from {self._describe(peer)}")
+        if n > _HEADER:
+            ext = torch.empty(n - _HEADER, dtype=torch.int64)
+            self._wait(self._post(dist.irecv, ext, peer, wt, what), peer, deadline, what)
+            words = words + ext.tolist()
+        parts, works, i = [], [], 2
         try:
-            for _ in range(words[0]):
+            for _ in range(words[1]):
                 code, ndim = words[i], words[i + 1]
                 shape = words[i + 2:i + 2 + ndim]
                 i += 2 + ndim
@@ -210,9 +240,35 @@ class _GroupP2P(P2PTransport):
                     works.append(self._post(dist.irecv, t, peer, wt, what))
         except (IndexError, RuntimeError) as e:
             raise CommError(f"corrupt header from {self._describe(peer)}: {e}") from None
-        for w in works:
+        inc.parts, inc.works = parts, works
+
+    def _recv(self, peer: int, tag: tuple, deadline: float) -> list[torch.Tensor]:
+        """Receive ``peer``'s next message on ``tag``.
+
+        gloo moves a message only once its receive is posted, so waiting for one peer at a
+        time would serialise the peers (and all ranks would queue on member 0 first). So the
+        first receive of a phase posts header receives for every other member of the
+        operation, and while waiting for one peer the parts of every peer whose header has
+        arrived are posted too; the data of all peers flows at once, and the results are
+        still consumed in member order. Receives are per (peer, tag) queues in message
+        order, so one posted for a message that comes in a later operation is used then.
+        """
+        wt = _wire_tag(tag)
+        what = f"message {tag[1:]} of operation {tag[0]}"
+        if tag[1] not in _ONE_SENDER:
+            for p in self._op_members:
+                if p != self._me and not self._inbox.get((p, wt)):
+                    self._post_header(p, wt)
+        if not self._inbox.get((peer, wt)):
+            self._post_header(peer, wt)
+        inc = self._inbox[(peer, wt)].popleft()
+        self._advance(inc, peer, wt, deadline, True, what)
+        for (p, w2), q in self._inbox.items():
+            if w2 == wt and q and p != peer:
+                self._advance(q[0], p, wt, deadline, False, what)
+        for w in inc.works:
             self._wait(w, peer, deadline, what)
-        return parts
+        return inc.parts
 
     def _flush_sends(self, deadline: float) -> None:
         pending, self._pending = self._pending, []
@@ -490,7 +546,7 @@ class TorchDistTransport(_GroupP2P):
                 # Inside the replica: every rank sends its reduced shard to the others.
                 irec = intra.ledger.begin("all_gather", R, tag=f"hierarchical all_reduce #{seq}")
                 try:
-                    intra._op_lost = set()
+                    intra._op_lost, intra._op_members = set(), list(range(R))
                     for peer in range(R):
                         if peer != rr:
                             intra._send(peer, (seq, "hag", gi), [shard], irec)
