@@ -421,6 +421,9 @@ class TorchDistTransport(_GroupP2P):
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         owns = False
+        if backend is not None and dist.is_initialized() and dist.get_backend() != backend:
+            raise ValueError(f"the default process group is already initialised with {dist.get_backend()!r}, "
+                             f"not {backend!r}; pass backend=None to reuse it")
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
