@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         for p in peers:
             if p.alive():
                 p.proc.send_signal(signal.SIGTERM)
+        # A peer still joining (fetching a snapshot) only checks the stop flag once it trains: give
+        # every peer 30 s in all to leave cleanly, then end the rest.
+        stop_by = time.monotonic() + 30
         for p in peers:
             try:
-                p.proc.wait(timeout=60)
+                p.proc.wait(timeout=max(0.1, stop_by - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.proc.kill()
                 p.proc.wait(timeout=10)
