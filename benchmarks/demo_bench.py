@@ -58,7 +58,15 @@ def sim(name: str, steps: int, seed: int, workers: int, overrides: dict) -> dict
 
 
 def overhead(workers: int, ks: list[int], lr: float, reps: int = 20, threads: int = 2) -> dict:
-    """Seconds per step of DeMo's own compute and of a plain AdamW step, same model, real gradients."""
+    """Seconds per step of DeMo's own compute and of a plain AdamW step, same model, same gradients.
+
+    W workers (threads) each train the simulator's GPT on their shard with DeMo; every step each
+    worker also steps a copy of its model with ``torch.optim.AdamW`` on the same gradients. The
+    forward+backward, the AdamW step and DeMo's compute (``opt.compute_guard``) each run under
+    one lock, so the timings interleave under the same machine load and never overlap.
+    """
+    import copy
+
     import lowcomm
 
     torch.set_num_threads(threads)
@@ -67,59 +75,50 @@ def overhead(workers: int, ks: list[int], lr: float, reps: int = 20, threads: in
     corpus = Corpus(data, mcfg.seq_len)
     lock = threading.Lock()
 
-    def grads_for(model: torch.nn.Module, stream) -> float:
-        x, y = next(stream)
-        t0 = time.perf_counter()
-        _, loss = model(x, y)
-        loss.backward()
-        return time.perf_counter() - t0
-
-    # AdamW alone (and the forward+backward, for scale).
-    torch.manual_seed(0)
-    model = GPT(mcfg)
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    stream = corpus.stream(0, workers, 16, 0)
-    fb, ad = [], []
-    for i in range(reps + 3):
-        adamw.zero_grad(set_to_none=False)
-        t_fb = grads_for(model, stream)
-        t0 = time.perf_counter()
-        adamw.step()
-        if i >= 3:
-            fb.append(t_fb)
-            ad.append(time.perf_counter() - t0)
-    res = {"forward_backward_s": statistics.median(fb), "adamw_step_s": statistics.median(ad), "demo": {}}
-
     @contextmanager
     def alone():
         with lock:
             yield
 
+    res: dict = {"demo": {}}
     for k in ks:
         def worker(t, k=k):
             with lock:
                 torch.manual_seed(0)
                 m = GPT(mcfg)
+            twin = copy.deepcopy(m)
+            adamw = torch.optim.AdamW(twin.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
             opt = lowcomm.DeMo(torch.optim.SGD(m.parameters(), lr=lr), transport=t, topk=k)
             opt.compute_guard = alone
             s = corpus.stream(t.rank, workers, 16, 0)
-            per = []
+            fb, ad, de = [], [], []
             for i in range(reps + 3):
                 opt.zero_grad(set_to_none=False)
+                x, y = next(s)
                 with lock:
-                    grads_for(m, s)
+                    t0 = time.perf_counter()
+                    _, loss = m(x, y)
+                    loss.backward()
+                    t1 = time.perf_counter()
+                    for p, q in zip(m.parameters(), twin.parameters()):
+                        q.grad = p.grad.clone()
+                    t2 = time.perf_counter()
+                    adamw.step()
+                    t3 = time.perf_counter()
                 before = opt.timings["encode"] + opt.timings["decode"]
                 opt.step()
-                if i >= 3:
-                    per.append(opt.timings["encode"] + opt.timings["decode"] - before)
-            return statistics.median(per)
+                if i >= 3:  # after warm-up
+                    fb.append(t1 - t0)
+                    ad.append(t3 - t2)
+                    de.append(opt.timings["encode"] + opt.timings["decode"] - before)
+            return statistics.median(fb), statistics.median(ad), statistics.median(de)
 
-        per_worker = run_local(workers, worker)
-        s = statistics.mean(per_worker)
-        res["demo"][str(k)] = {"demo_compute_s": s, "ratio_to_adamw_step": s / res["adamw_step_s"],
-                               "ratio_to_forward_backward": s / res["forward_backward_s"]}
-        print(f"  overhead k={k}: DeMo {s * 1e3:.1f} ms/step, AdamW step {res['adamw_step_s'] * 1e3:.1f} ms, "
-              f"fwd+bwd {res['forward_backward_s'] * 1e3:.1f} ms", flush=True)
+        out = run_local(workers, worker)
+        fb, ad, de = (statistics.mean(o[j] for o in out) for j in range(3))
+        res["demo"][str(k)] = {"demo_compute_s": de, "adamw_step_s": ad, "forward_backward_s": fb,
+                               "ratio_to_adamw_step": de / ad, "ratio_to_forward_backward": de / fb}
+        print(f"  overhead k={k}: DeMo {de * 1e3:.1f} ms/step, AdamW step {ad * 1e3:.1f} ms "
+              f"(ratio {de / ad:.2f}), fwd+bwd {fb * 1e3:.1f} ms", flush=True)
     return res
 
 
@@ -130,6 +129,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=ints, default=[0, 1])
     ap.add_argument("--lrs", type=floats, default=[2e-3, 3e-3, 5e-3], help="DeMo lrs tried on the first seed")
     ap.add_argument("--ks", type=ints, default=[4, 8, 32])
+    ap.add_argument("--decay", type=float, default=0.999, help="DeMo's momentum decay (paper 0.999)")
     ap.add_argument("--extra", action="append", default=[], metavar="K=V,...",
                     help="an extra DeMo configuration at the tuned lr on every seed, e.g. inner=adamw,sign=0")
     ap.add_argument("--out", default="runs/demo_bench")
@@ -140,7 +140,7 @@ def main() -> None:
     for seed in a.seeds:
         runs.append(sim("ddp", a.steps, seed, a.workers, {}))
     print("DeMo lr sweep, k=32, seed", a.seeds[0], flush=True)
-    sweep = [sim("demo", a.steps, a.seeds[0], a.workers, {"lr": lr, "topk": 32}) for lr in a.lrs]
+    sweep = [sim("demo", a.steps, a.seeds[0], a.workers, {"lr": lr, "topk": 32, "decay": a.decay}) for lr in a.lrs]
     runs += sweep
     best = min(sweep, key=lambda r: r["loss"])["overrides"]["lr"]
     print(f"tuned lr {best:g}", flush=True)
@@ -148,16 +148,16 @@ def main() -> None:
         for seed in a.seeds:
             if k == 32 and seed == a.seeds[0]:
                 continue  # already run in the sweep
-            runs.append(sim("demo", a.steps, seed, a.workers, {"lr": best, "topk": k}))
+            runs.append(sim("demo", a.steps, seed, a.workers, {"lr": best, "topk": k, "decay": a.decay}))
     for spec in a.extra:
-        ov: dict = {"lr": best}
+        ov: dict = {"lr": best, "decay": a.decay}
         for kv in spec.split(","):
             key, v = kv.split("=")
             ov[key] = v if key in ("inner", "values") else (float(v) if "." in v or "e" in v else int(v))
         for seed in a.seeds:
             runs.append(sim("demo", a.steps, seed, a.workers, ov))
     print("compute overhead:", flush=True)
-    ovh = overhead(a.workers, a.ks, best)
+    ovh = overhead(a.workers, sorted(set(a.ks)), best)
 
     ddp = [r for r in runs if r["strategy"] == "ddp"]
     ddp_loss = statistics.mean(r["loss"] for r in ddp)
@@ -169,7 +169,7 @@ def main() -> None:
             configs.setdefault(json.dumps(r["overrides"], sort_keys=True), []).append(r)
     for key, rs in configs.items():
         ov = json.loads(key)
-        label = "DeMo" + "".join(f" {k}={v}" for k, v in ov.items() if k not in ("lr", "topk"))
+        label = "DeMo" + "".join(f" {k}={v}" for k, v in ov.items() if k not in ("lr", "topk", "decay"))
         rows.append((label, ov.get("topk", 32), f"{ov['lr']:g}", [r["loss"] for r in rs],
                      statistics.mean(r["bytes_per_worker"] for r in rs)))
     lines = ["| strategy | k | lr | held-out loss per seed | mean | vs ddp | MB sent per worker | fewer bytes |",
@@ -181,10 +181,11 @@ def main() -> None:
     lines += ["", "| k | DeMo compute per step (ms) | AdamW step (ms) | ratio | forward+backward (ms) |",
               "|---|---|---|---|---|"]
     for k, d in ovh["demo"].items():
-        lines.append(f"| {k} | {d['demo_compute_s'] * 1e3:.1f} | {ovh['adamw_step_s'] * 1e3:.1f} | "
-                     f"{d['ratio_to_adamw_step']:.1f}x | {ovh['forward_backward_s'] * 1e3:.1f} |")
+        lines.append(f"| {k} | {d['demo_compute_s'] * 1e3:.1f} | {d['adamw_step_s'] * 1e3:.1f} | "
+                     f"{d['ratio_to_adamw_step']:.2f}x | {d['forward_backward_s'] * 1e3:.1f} |")
     sweep_line = ", ".join(f"lr {r['overrides']['lr']:g}: {r['loss']:.4f}" for r in sweep)
-    table = "\n".join(lines) + f"\n\nlr sweep (k=32, seed {a.seeds[0]}): {sweep_line}; tuned lr {best:g}\n"
+    table = ("\n".join(lines) + f"\n\nDeMo decay {a.decay}; lr sweep (k=32, seed {a.seeds[0]}): {sweep_line}; "
+             f"tuned lr {best:g}\n")
     print(table)
     with open(os.path.join(a.out, "demo_bench.json"), "w") as f:
         json.dump({"args": vars(a), "runs": runs, "tuned_lr": best, "overhead": ovh, "table": table}, f, indent=1)

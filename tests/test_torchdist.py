@@ -202,6 +202,18 @@ def test_lost_rank_fails_survivor_clearly(two):
     assert meta["after"] == "TransportFailed"
 
 
+def test_native_ring_all_reduce_matches_p2p(two, four):
+    for runs, w in ((two, 2), (four, 4)):
+        for got, meta in runs:
+            # fp32: a different summation order only; bf16: summed in fp32, rounded once
+            assert maxdiff(got["native/ring/0"], got["native/p2p/0"]) <= 1e-6
+            assert got["native/ring/1"].dtype == torch.bfloat16
+            assert maxdiff(got["native/ring/1"], got["native/p2p/1"]) <= (0 if w == 2 else 2 ** -7)
+            # the ledger holds the ring's framing of the fp32 buffer: 2 (W-1)/W of (37 + 15) * 4 bytes
+            (kind, nbytes, _), = meta["native_ledger"]
+            assert kind == "all_reduce" and nbytes == 2 * (w - 1) * 52 * 4 // w
+
+
 def test_stalled_member_times_out(two):
     """Rank 1 stays away from an all_reduce: rank 0 fails at its 3 s deadline naming member 1;
     rank 1, arriving later, fails too instead of hanging."""
