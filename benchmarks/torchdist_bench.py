@@ -8,7 +8,8 @@ reduced ``--reps`` times (the methods interleaved, so that a busy machine slows 
 ``torch.distributed.all_reduce`` on a gloo group (a ring: the baseline), (b)
 :class:`lowcomm.comm.torchdist.TorchDistTransport` with replica_size 1 (every rank is a member:
 reduce-scatter to shard owners over gloo send/recv, all-gather, then a small commit vote), and,
-when ``--procs`` is even, (c) the same with 2-rank replicas, flat and ``hierarchical=True``.
+the same with ``native_all_reduce=True`` (gloo's ring inside lowcomm's op), and when ``--procs``
+is 4 or more and even, (c) 2-rank replicas, flat and ``hierarchical=True``.
 Rank 0 prints the median seconds, the algorithm bandwidth (buffer bytes / seconds) and the
 bytes its ledger counted per operation.
 """
@@ -33,6 +34,7 @@ def worker(mibs: list[float], reps: int) -> None:
 
     torch.set_num_threads(1)
     t1 = TorchDistTransport.from_env(replica_size=1, timeout=600)
+    tn = TorchDistTransport(1, timeout=600, native_all_reduce=True)
     W, rank = dist.get_world_size(), dist.get_rank()
     ring = dist.new_group(list(range(W)), backend="gloo", timeout=datetime.timedelta(seconds=600))
     pairs = []
@@ -45,7 +47,8 @@ def worker(mibs: list[float], reps: int) -> None:
         # every method reduces its own buffer in place, again and again (values do not matter)
         y = torch.randn(n)
         methods = [("gloo dist.all_reduce (ring)", None, lambda y=y: dist.all_reduce(y, group=ring)),
-                   (f"lowcomm TorchDistTransport, {W} members", t1, lambda y=y: t1.all_reduce([y]).wait(600))]
+                   (f"lowcomm TorchDistTransport, {W} members", t1, lambda y=y: t1.all_reduce([y]).wait(600)),
+                   ("lowcomm native_all_reduce=True", tn, lambda y=y: tn.all_reduce([y]).wait(600))]
         methods += [(f"lowcomm {name}", tr, lambda tr=tr, y=y: tr.all_reduce([y]).wait(600)) for name, tr in pairs]
         times = {name: [] for name, _, _ in methods}
         before = {name: (tr.ledger.bytes_sent if tr else 0) for name, tr, _ in methods}

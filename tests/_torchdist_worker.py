@@ -191,6 +191,7 @@ def main(scenario, outdir):
         t = lowcomm.connect(timeout=60)
         out, meta = scenario_two(t)
         meta["repr"] = repr(t)
+        native_vs_p2p(t, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
         save(outdir, rank, out, meta)
         # a member that stalls: rank 0 times out at its deadline, then rank 1 fails too
         meta["stall"] = stall_run(TorchDistTransport(1, timeout=3), rank, outdir)
@@ -214,6 +215,13 @@ def main(scenario, outdir):
             out[f"hmix/{name}/0"], out[f"hmix/{name}/1"] = ys
         t1 = TorchDistTransport(1, timeout=60)
         o, m = scenario_four_members(t1)
+        native_vs_p2p(t1, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
+        # member 2 sits a group_reduce out; the next collective still lines up
+        z = [torch.full((2,), float(t1.rank))]
+        if t1.rank != 2:
+            t1.group_reduce([0, 1, 3], z, op="sum").wait(60)  # 0 + 1 + 3 = 4
+        t1.all_reduce(z, op="sum").wait(60)  # 4 + 4 + 2 + 4 = 14
+        out["skip"] = z[0]
         out.update(o)
         meta["members4"] = m
         meta["ids"] = [t.rank, t.replica_id, t.replica_rank, t.num_replicas, t.world_size, t1.rank, t1.world_size]
@@ -231,6 +239,17 @@ def main(scenario, outdir):
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     save(outdir, rank, out, meta)
+
+
+def native_vs_p2p(t, tn, out, meta):
+    """The same mixed-dtype mean through lowcomm's p2p all_reduce and through gloo's ring."""
+    g = torch.Generator().manual_seed(3 + t.rank)
+    xs = [torch.randn(37, generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16)]
+    for name, tr in (("p2p", t), ("ring", tn)):
+        ys = [x.clone() for x in xs]
+        tr.all_reduce(ys).wait(60)
+        out[f"native/{name}/0"], out[f"native/{name}/1"] = ys
+    meta["native_ledger"] = ledger_rows(tn.ledger)
 
 
 def save(outdir, rank, out, meta):

@@ -22,10 +22,12 @@ everyone keeps ``decode(encode(result))``) run over gloo ``isend``/``irecv`` on 
 communication thread per transport, so (a) operations are issued in call order on every
 rank, (b) results are bit-identical to :class:`~lowcomm.comm.local.LocalTransport`'s, and
 (c) the byte ledger counts exactly the payload bytes this rank handed to gloo, per
-operation and per peer, as the local transport does (each message is preceded by a small
-int64 header giving the parts' dtypes and shapes; like the other transports' headers it is
-not counted). Tensors on a GPU are staged through host memory for these operations: the
-cross-replica sync is rare and bound by the slow links, not by PCIe.
+operation and per peer, as the local transport does (each message is preceded by a 256-byte
+int64 header giving the parts' dtypes and shapes, whose receives are posted ahead of time;
+like the other transports' headers it is not counted). Tensors on a GPU are staged through
+host memory for these operations: the cross-replica sync is rare and bound by the slow links,
+not by PCIe. Messages are matched by (peer, phase) tags, not by operation number, so members
+left out of a ``group_reduce`` stay in step for the next collective.
 
 ``hierarchical=True`` (issue 8): when every rank of a replica holds the same tensors (after
 DDP), rank ``r`` of a replica reduces only shard ``r`` of ``R`` across replicas and the
@@ -33,6 +35,11 @@ replica then all-gathers the shards over its own group, so the slow cross-replic
 carry one copy per replica instead of ``R``. Without a codec the result is bit-identical to
 the flat path (the sums are elementwise in the same member order); :attr:`ledger` counts
 the cross-replica bytes, :attr:`replica_ledger` the intra-replica all-gather.
+
+``native_all_reduce=True`` runs uncompressed all_reduces with gloo's own all_reduce on fp32
+copies instead (faster on loopback, see benchmarks/README.md; sums within float rounding of
+the p2p path, not bit-identical to the local transport); its ledger entry is the ring's
+framing of the buffer passed, ``2 (W-1)/W`` of its bytes, since gloo reports nothing.
 
 Fail-stop (the choice made here). torch.distributed cannot drop a rank and go on, so a lost
 rank ends the run: the operation that sees it fails on this rank with
@@ -347,6 +354,8 @@ class TorchDistTransport(_GroupP2P):
         timeout: seconds an operation (and each group's set-up) may take before it fails.
         hierarchical: all_reduce syncs only this rank's ``1/R`` shard across replicas and
             all-gathers inside the replica (every rank of a replica must hold the same tensors).
+        native_all_reduce: uncompressed all_reduce through gloo's ring (not bit-identical to
+            the local transport; the ledger records the ring's framing).
 
     Attributes:
         replica_group: process group of this rank's replica (default backend), for DDP/FSDP.
@@ -355,7 +364,8 @@ class TorchDistTransport(_GroupP2P):
             by the hierarchical all-gather.
     """
 
-    def __init__(self, replica_size: int = 1, *, timeout: float = DEFAULT_TIMEOUT, hierarchical: bool = False):
+    def __init__(self, replica_size: int = 1, *, timeout: float = DEFAULT_TIMEOUT, hierarchical: bool = False,
+                 native_all_reduce: bool = False):
         if isinstance(replica_size, bool) or not isinstance(replica_size, int) or replica_size < 1:
             raise ValueError(f"replica_size must be an integer >= 1 (ranks per replica), got {replica_size!r}")
         if not timeout or timeout <= 0:
@@ -372,6 +382,9 @@ class TorchDistTransport(_GroupP2P):
         self.replica_id, self.replica_rank = divmod(grank, R)
         self.global_rank = grank
         self.hierarchical = bool(hierarchical)
+        self.native_all_reduce = bool(native_all_reduce)
+        if self.hierarchical and self.native_all_reduce:
+            raise ValueError("hierarchical=True and native_all_reduce=True do not combine; pick one")
         td = datetime.timedelta(seconds=float(timeout))
         replica_ranks = [list(range(k * R, (k + 1) * R)) for k in range(n)]
         cross_ranks = [[k * R + r for k in range(n)] for r in range(R)]
@@ -397,7 +410,7 @@ class TorchDistTransport(_GroupP2P):
     # ---- construction from torchrun's environment ------------------------------------------------
     @classmethod
     def from_env(cls, replica_size: int = 1, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 hierarchical: bool = False) -> TorchDistTransport:
+                 hierarchical: bool = False, native_all_reduce: bool = False) -> TorchDistTransport:
         """Initialise torch.distributed from torchrun's variables and build the transport.
 
         ``backend`` defaults to nccl when CUDA is available (for the replicas' DDP/FSDP),
@@ -410,6 +423,9 @@ class TorchDistTransport(_GroupP2P):
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         owns = False
+        if backend is not None and dist.is_initialized() and dist.get_backend() != backend:
+            raise ValueError(f"the default process group is already initialised with {dist.get_backend()!r}, "
+                             f"not {backend!r}; pass backend=None to reuse it")
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
@@ -430,7 +446,7 @@ class TorchDistTransport(_GroupP2P):
                 raise CommTimeout([], f"torch.distributed initialisation ({backend}, {where}) did not complete "
                                       f"within {timeout}s: {first}") from e
             owns = True
-        t = cls(replica_size, timeout=timeout, hierarchical=hierarchical)
+        t = cls(replica_size, timeout=timeout, hierarchical=hierarchical, native_all_reduce=native_all_reduce)
         t._owns_default_group = owns
         return t
 
@@ -486,6 +502,8 @@ class TorchDistTransport(_GroupP2P):
         tensors = list(tensors)
         if self.hierarchical and self.replica_size > 1:
             return self._staged(tensors, lambda ts: self._hierarchical_all_reduce(ts, op, codec))
+        if self.native_all_reduce and (codec is None or getattr(codec, "name", codec) in ("identity", "none")):
+            return self._staged(tensors, lambda ts: self._native_all_reduce(ts, op))
         return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec))
 
     def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
@@ -516,6 +534,44 @@ class TorchDistTransport(_GroupP2P):
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Handle:
         self._check_usable()
         return self._staged(list(tensors), lambda ts: P2PTransport.broadcast(self, ts, src))
+
+    def _native_all_reduce(self, tensors: list[torch.Tensor], op: str) -> Handle:
+        """gloo's own all_reduce (a ring) on fp32 (or fp64) copies; faster, not bit-identical to local.
+
+        The ledger records the ring's framing of the buffer passed, ``2 (W-1)/W`` of its
+        bytes, under the ring successor: gloo does not report what it sent, so this one count
+        is the algorithm's, not a measurement.
+        """
+        members = self._members_or_raise()
+
+        def body(seq, rec, members, deadline):
+            w, me = len(members), members.index(self.rank)
+            flats = []
+            for dtype, idxs in _dtype_groups(tensors):
+                acc = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 accumulation
+                flat = _flatten(tensors, idxs, acc)
+                if w > 1:
+                    try:
+                        work = dist.all_reduce(flat, group=self._group, async_op=True)
+                        left = deadline - time.monotonic()
+                        if left <= 0 or work.wait(timeout=datetime.timedelta(seconds=left)) is False:
+                            raise RuntimeError("timed out")
+                    except RuntimeError as e:
+                        msg = str(e).splitlines()[0] if str(e) else repr(e)
+                        raise PeerLost([], f"gloo all_reduce among {w} members failed: {msg}") from None
+                    nbytes = flat.numel() * flat.element_size()
+                    self.ledger.add(rec, members[(me + 1) % w], 2 * (w - 1) * nbytes // w)
+                if op == "mean":
+                    flat.div_(w)
+                flats.append((flat.to(dtype), idxs))
+
+            def finish():
+                for flat, idxs in flats:
+                    _unflatten_into(flat, tensors, idxs)
+                return tensors
+            return finish
+
+        return self._start("all_reduce", members, body, tag="native")
 
     def _hierarchical_all_reduce(self, tensors: list[torch.Tensor], op: str, codec: Any) -> Handle:
         """Shard ``replica_rank`` of ``R`` goes across replicas; the replica all-gathers the shards."""
