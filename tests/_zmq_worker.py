@@ -77,9 +77,9 @@ def main(cfg):
         kw["curve"] = CurveConfig(**cfg["curve"])
     t = connect_zmq(cfg["coordinator"], **kw)
     hooks = {}
-    wait = cfg.get("wait_members")  # [step, n]: at that step wait until the run has n members
+    wait = cfg.get("wait_member")  # [step, id]: at that step wait until member `id` has joined the run
     if wait:
-        hooks[wait[0]] = lambda tr, opt: tr.wait_members(lambda ids: len(ids) >= wait[1], 60)
+        hooks[wait[0]] = lambda tr, opt: tr.wait_members(lambda ids: wait[1] in ids, 60)
     pause = cfg.get("pause")  # [step, seconds]
     if pause:
         hooks[pause[0]] = lambda tr, opt: time.sleep(pause[1])

@@ -192,7 +192,8 @@ class Coordinator:
                 # A member this coordinator dropped comes back as pending: its state is stale and it
                 # must fetch a snapshot before it takes part again.
                 active = bool(m["active"]) and mid not in self.dropped
-                self.members[mid] = _Member(mid, m["addr"], m["pub"], now, active, m["next_op"] if active else 0)
+                # activate_op 0: a re-registered member is expected at every barrier from now on.
+                self.members[mid] = _Member(mid, m["addr"], m["pub"], now, active, 0)
                 self.next_id = max(self.next_id, mid + 1)
                 self._persist()
                 if active:
@@ -318,6 +319,8 @@ class Coordinator:
         self._check_votes()
 
     def _check_votes(self) -> None:
+        if self._in_recovery():
+            return  # members may not have re-registered yet: "gone" would be premature
         now = time.monotonic()
         for key in list(self.votes):
             v = self.votes[key]
@@ -412,3 +415,32 @@ def run_coordinator(bind: str, **kwargs) -> None:
         c.serve()
     except KeyboardInterrupt:
         pass
+
+
+def add_arguments(ap) -> None:
+    """Arguments of ``lowcomm coordinator``."""
+    ap.add_argument("--bind", required=True, help="where to listen, e.g. tcp://0.0.0.0:5555")
+    ap.add_argument("--min-peers", type=int, default=1, help="peers needed before the run starts")
+    ap.add_argument("--heartbeat", type=float, default=2.0, help="seconds between peer heartbeats")
+    ap.add_argument("--heartbeat-timeout", type=float, default=None,
+                    help="drop a peer silent for this long (default 5 heartbeats)")
+    ap.add_argument("--barrier-timeout", type=float, default=600.0,
+                    help="seconds the sync-start barrier waits for the slowest member before dropping it; "
+                         "allow for the slowest expected compute between syncs")
+    ap.add_argument("--state", default=None, help="file keeping the epoch and ids across coordinator restarts")
+    ap.add_argument("--curve-secret", default=None, help="the coordinator's .key_secret (from lowcomm keygen)")
+    ap.add_argument("--curve-allow", default=None, help="directory of allowed peers' public .key files")
+
+
+def main(args) -> int:
+    """Run ``lowcomm coordinator`` with parsed arguments."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    curve = None
+    if args.curve_secret or args.curve_allow:
+        if not (args.curve_secret and args.curve_allow):
+            raise ValueError("CURVE needs both --curve-secret and --curve-allow")
+        curve = CurveConfig(args.curve_secret, args.curve_allow)
+    run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
+                    heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
+                    state_file=args.state, curve=curve)
+    return 0

@@ -124,3 +124,17 @@ class CurveConfig:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_serverkey = server_public
+
+
+def add_arguments(ap) -> None:
+    """Arguments of ``lowcomm keygen``."""
+    ap.add_argument("--out", required=True, help="directory to write the key pair into")
+    ap.add_argument("--name", required=True, help="file name stem: NAME.key (public) and NAME.key_secret")
+
+
+def main(args) -> int:
+    """Run ``lowcomm keygen``: write a CURVE key pair; share NAME.key, keep NAME.key_secret private."""
+    pub, sec = generate_keypair(args.out, args.name)
+    print(f"public key: {pub}\nsecret key: {sec} (keep private; copy {os.path.basename(pub)} into the run's "
+          f"allowlist directory)")
+    return 0
