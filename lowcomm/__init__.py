@@ -8,13 +8,16 @@ Replace your optimizer with a lowcomm outer optimizer; nothing else in the loop 
 
 from .comm import CommError, PeerLost, Transport, connect
 from .comm.local import run_local
-from .outer import DiLoCo, OuterOptimizer, available, get_strategy, register_strategy
+from .outer import DDP, DeMo, DiLoCo, NoLoCo, OuterOptimizer, available, get_strategy, register_strategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DDP",
     "CommError",
+    "DeMo",
     "DiLoCo",
+    "NoLoCo",
     "OuterOptimizer",
     "PeerLost",
     "Transport",

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import threading
 
 import pytest
 import torch
@@ -14,9 +15,14 @@ from lowcomm.outer.diloco import sgd_outer
 FEDAVG_SGD = sgd_outer(1.0, 0.0, False)
 
 
+_RNG_LOCK = threading.Lock()
+
+
 def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    # torch's global RNG is shared by the worker threads of run_local: seed and draw atomically.
+    with _RNG_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
 
 
 def batch(rank, step, dtype=torch.float32):

@@ -156,6 +156,15 @@ class Handle:
             record.ok = True
         return cls(f, record)
 
+    @classmethod
+    def failed(cls, error: BaseException, record: OpRecord | None = None) -> Handle:
+        """A handle whose ``wait()`` raises ``error`` (an operation that could not even start)."""
+        f: Future = Future()
+        f.set_exception(error)
+        if record is not None:
+            record.ok = False
+        return cls(f, record)
+
     @property
     def op_id(self) -> int | None:
         return None if self.record is None else self.record.op_id

@@ -186,6 +186,9 @@ def run_local(world_size: int, fn: Callable[..., Any], *args: Any,
               join_timeout: float | None = 3600.0, **kwargs: Any) -> list[Any]:
     """Run ``fn(transport, *args, **kwargs)`` in ``world_size`` threads; results in rank order.
 
+    The workers are threads: torch's global RNG is shared between them, so build models
+    (or seed and draw) under a lock, or before calling, to get reproducible initial weights.
+
     A worker killed by fault injection returns ``None``. Any other exception in a worker is
     re-raised here (the first one, by rank) once all workers have stopped.
     """

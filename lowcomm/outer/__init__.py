@@ -1,8 +1,11 @@
 """Outer optimizers: one algorithm per module, shared machinery in :mod:`.base`."""
 
 from .base import OuterOptimizer, SyncUnit, default_outer_optimizer
+from .ddp import DDP
+from .demo import DeMo
 from .diloco import DiLoCo
-from .registry import Strategy, available, get_strategy, register_strategy
+from .noloco import NoLoCo, noloco_groups
+from .registry import Strategy, available, default_strategies, get_strategy, register_strategy
 
-__all__ = ["DiLoCo", "OuterOptimizer", "Strategy", "SyncUnit", "available", "default_outer_optimizer",
-           "get_strategy", "register_strategy"]
+__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "SyncUnit", "available",
+           "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups", "register_strategy"]

@@ -262,8 +262,15 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.transport.broadcast(tensors, src=src).wait(self.timeout)
 
     def launch_reduce(self, unit: SyncUnit, buffers: list[torch.Tensor], codec: Any = None) -> PendingSync:
-        """Start the mean all-reduce of ``buffers`` (the unit's pseudo-gradients)."""
-        handle = self.transport.all_reduce(buffers, op="mean", codec=codec)
+        """Start the mean all-reduce of ``buffers`` (the unit's pseudo-gradients).
+
+        An operation that cannot even start (e.g. this worker is no longer a member) gives a
+        failed handle, so :meth:`finish` rolls back the same way as for a failure in flight.
+        """
+        try:
+            handle = self.transport.all_reduce(buffers, op="mean", codec=codec)
+        except CommError as e:
+            handle = Handle.failed(e)
         return PendingSync(unit, handle, buffers, self.local_step)
 
     def finish(self, pending: PendingSync, apply: Callable[[PendingSync], None],

@@ -97,4 +97,4 @@ def _build_fedavg(inner, transport, model=None, *, sync_every: int = 50, codec: 
 register_strategy("diloco", _build, {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
                   "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
 register_strategy("fedavg", _build_fedavg, {"sync_every": 50},
-                  "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)")
+                  "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)", default_run=False)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Strategy", "available", "get_strategy", "register_strategy"]
+__all__ = ["Strategy", "available", "default_strategies", "get_strategy", "register_strategy"]
 
 
 @dataclass
@@ -32,19 +32,23 @@ class Strategy:
     build: Callable[..., Any]
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    default_run: bool = True  # part of ``lowcomm sim``'s default set of strategies
 
 
 _REGISTRY: dict[str, Strategy] = {}
 
 
 def register_strategy(name: str, build: Callable[..., Any], defaults: dict[str, Any] | None = None,
-                      description: str = "", replace: bool = False) -> Strategy:
-    """Register ``build`` under ``name`` (``replace=True`` to overwrite an existing entry)."""
+                      description: str = "", replace: bool = False, default_run: bool = True) -> Strategy:
+    """Register ``build`` under ``name`` (``replace=True`` to overwrite an existing entry).
+
+    ``default_run=False`` keeps it out of the strategies ``lowcomm sim`` runs with no ``--strategies``.
+    """
     if not name or not isinstance(name, str):
         raise ValueError(f"strategy name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"strategy {name!r} is already registered; pass replace=True to overwrite it")
-    s = Strategy(name, build, dict(defaults or {}), description)
+    s = Strategy(name, build, dict(defaults or {}), description, bool(default_run))
     _REGISTRY[name] = s
     return s
 
@@ -60,3 +64,8 @@ def get_strategy(name: str) -> Strategy:
 def available() -> list[str]:
     """Registered strategy names, in registration order."""
     return list(_REGISTRY)
+
+
+def default_strategies() -> list[str]:
+    """Registered strategies flagged for the default ``lowcomm sim`` run, in registration order."""
+    return [n for n, s in _REGISTRY.items() if s.default_run]

@@ -1,0 +1,5 @@
+"""Models used by lowcomm's recipes, simulator and benchmarks."""
+
+from .gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]

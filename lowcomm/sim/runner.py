@@ -1,0 +1,475 @@
+"""Run W workers of a real model on real data through the local transport, and time them.
+
+:func:`run_strategy` trains the small GPT with one registered strategy: W worker threads
+(:func:`lowcomm.comm.local.run_local`), each with its own disjoint data shard, the same
+initial weights and the same number of tokens. Each worker's compute (forward, backward
+and the inner optimizer step) runs under one shared lock, one worker at a time, so the
+measured seconds are those of a worker alone on the machine rather than of W threads
+fighting over two cores. Communication runs outside the lock, in the transports' threads.
+
+At evaluation points every worker's parameters are averaged and the averaged model is
+evaluated on held-out text (for DiLoCo at a sync boundary this is the global model; for
+NoLoCo, whose workers never agree exactly, it is their mean). At the end each worker is
+also evaluated alone when the workers differ, and the worst is reported.
+
+Afterwards the simulated clock (:mod:`lowcomm.sim.clock`) places every communication in
+time from ``opt.sync_log`` (launch and finish steps, ledger op ids) and sizes it from the
+ledgers, at each bandwidth of the network model. A :class:`Projection` replays the same
+schedule with a configured device speed and model size instead of the measured ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..comm.local import run_local
+from ..data import Corpus, load_corpus
+from ..models import GPT, GPTConfig
+from ..outer.registry import get_strategy
+from .clock import CommEvent, Network, simulate_clock
+
+__all__ = ["DEFAULT_BANDWIDTHS", "Projection", "RunResult", "SimConfig", "build_knobs", "run_strategy"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BANDWIDTHS = (10e6, 100e6, 1e9, 10e9)
+"""Bits per second at which every run's wall-clock is simulated: 10 Mbit/s ... 10 Gbit/s."""
+
+# Keys of a strategy's defaults that configure the inner optimizer, not the strategy's builder.
+_INNER_KEYS = ("inner", "lr")
+
+
+def bandwidth_label(bps: float) -> str:
+    """``100e6 -> "100Mbit"``."""
+    for unit, div in (("Gbit", 1e9), ("Mbit", 1e6), ("kbit", 1e3)):
+        if bps >= div:
+            v = bps / div
+            return f"{v:g}{unit}"
+    return f"{bps:g}bit"
+
+
+@dataclass
+class Projection:
+    """A configured device and model size to project wall-clock onto (labelled a projection).
+
+    Compute per worker step is ``6 * params * tokens_per_step / (flops * mfu)`` (forward and
+    backward of a dense transformer); every transfer's bytes are the ledger's bytes of the
+    simulated run scaled by ``params / simulated params`` (each strategy's payload is
+    proportional to the parameter count). The sync schedule is the simulated run's.
+    """
+
+    params: float = 1e9  # parameters of the projected model
+    flops: float = 989e12  # peak FLOP/s of one worker's device (H100 SXM, dense bf16)
+    mfu: float = 0.4  # achieved share of peak
+    tokens_per_step: int = 524288  # tokens per worker step (e.g. 256 sequences of 2048)
+
+    def __post_init__(self) -> None:
+        for name in ("params", "flops", "tokens_per_step"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"projection {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"projection mfu must be in (0, 1], got {self.mfu!r}")
+
+    @property
+    def step_seconds(self) -> float:
+        return 6.0 * self.params * self.tokens_per_step / (self.flops * self.mfu)
+
+
+@dataclass
+class SimConfig:
+    """Everything a simulated run depends on (the same for every strategy of a comparison)."""
+
+    workers: int = 4  # W, simulated workers
+    steps: int = 200  # inner steps per worker
+    batch_size: int = 16  # sequences per worker per step
+    model: GPTConfig = field(default_factory=GPTConfig)  # the GPT's shape (vocab set from the data)
+    lr: float = 1e-3  # peak inner learning rate (a strategy's defaults may set its own "lr")
+    warmup: int = 20  # linear warmup steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1  # AdamW weight decay
+    seed: int = 0  # model init and data order
+    data: str | None = None  # corpus path (None: the stdlib's source)
+    vocab_size: int | None = None  # for pre-tokenized uint16 data
+    eval_every: int = 25  # steps between held-out evaluations
+    eval_sequences: int = 64  # held-out sequences per evaluation
+    threads: int = 2  # torch threads for compute
+    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS  # bits/s to simulate
+    latency: float = 0.01  # seconds per communication round (wide-area)
+    projection: Projection | None = None
+    init_state: str | None = None  # safetensors file of model weights to start from (warm start)
+    save_state: str | None = None  # write the final averaged model here (safetensors)
+    timeout: float = 600.0  # seconds any collective or barrier may wait
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "steps", "batch_size", "eval_every", "eval_sequences", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.bandwidths:
+            raise ValueError("give at least one bandwidth to simulate")
+        for b in self.bandwidths:
+            Network(float(b), self.latency)  # validates
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bandwidths"] = list(self.bandwidths)
+        return d
+
+
+@dataclass
+class RunResult:
+    """One strategy's simulated run (see :meth:`to_dict` for the JSON form)."""
+
+    strategy: str
+    knobs: dict[str, Any]
+    workers: int
+    steps: int
+    params: int
+    tokens: int
+    final_eval_loss: float
+    worst_worker_eval_loss: float
+    bytes_sent: float  # per worker (mean over workers)
+    bytes_sent_max: int  # the busiest worker
+    peak_bytes: int  # most bytes one worker sent in one sync
+    syncs: int
+    failed_syncs: int
+    compute_seconds: float  # measured, per worker (mean)
+    sim_seconds: dict[str, float]
+    utilisation: dict[str, float]
+    curve: list[dict[str, float]]
+    projection: dict[str, Any] | None = None
+    real_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _accepts(fn: Callable[..., Any]) -> tuple[set[str], bool]:
+    sig = inspect.signature(fn)
+    names = {p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    return names, var_kw
+
+
+def build_knobs(name: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a strategy's defaults + ``overrides`` into (inner settings, builder knobs).
+
+    ``overrides`` are the CLI's knobs (``--sync-every``, ``--set k=v``); a knob goes to a
+    strategy only if its builder takes it (by name, or through ``**kwargs``), so one command
+    line can configure several strategies. ``"inner"`` and ``"lr"`` configure the inner
+    optimizer.
+    """
+    strat = get_strategy(name)
+    names, var_kw = _accepts(strat.build)
+    merged = dict(strat.defaults)
+    for k, v in (overrides or {}).items():
+        if k in _INNER_KEYS or k in strat.defaults or k in names or var_kw:
+            merged[k] = v
+    inner = {k: merged.pop(k) for k in _INNER_KEYS if k in merged}
+    for k in ("inner", "transport", "model"):
+        merged.pop(k, None)
+    return inner, merged
+
+
+def _lr_lambda(cfg: SimConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        span = max(1, cfg.steps - cfg.warmup)
+        progress = min(1.0, (step - cfg.warmup) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def make_inner(params: Sequence[torch.Tensor], kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The inner optimizer a strategy asks for: ``"adamw"`` (betas 0.9/0.95) or ``"sgd"``."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"inner optimizer must be 'adamw' or 'sgd', got {kind!r}")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean held-out cross-entropy (nats per token) over ``batches``."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        _, loss = model(x, y)
+        total += float(loss) * x.numel()
+        count += x.numel()
+    model.train(was)
+    return total / count
+
+
+class _Shared:
+    """What the worker threads share: the compute lock, an eval barrier, the eval model."""
+
+    def __init__(self, cfg: SimConfig, workers: int):
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(workers)
+        self.params: list[list[torch.Tensor] | None] = [None] * workers
+        self.transports: list[Any] = [None] * workers
+        self.curve: list[dict[str, float]] = []
+        self.final: dict[str, float] = {}
+
+
+def _load_weights(model: torch.nn.Module, path: str) -> None:
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, path, strict=False)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"cannot load initial weights from {path}: {e}") from None
+    if missing or unexpected:
+        raise ValueError(f"weights in {path} do not match the model (missing {missing}, unexpected {unexpected}); "
+                         f"warm-start from a run with the same model shape")
+
+
+def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = None,
+                 progress: Callable[[str], None] | None = None, writer: Any = None) -> RunResult:
+    """Train with strategy ``name`` on ``cfg.workers`` simulated workers and simulate its wall-clock."""
+    inner_cfg, knobs = build_knobs(name, overrides)
+    strat = get_strategy(name)
+    data = load_corpus(cfg.data, cfg.vocab_size)
+    mcfg = GPTConfig(**{**asdict(cfg.model), "vocab_size": data.vocab_size})
+    corpus = Corpus(data, mcfg.seq_len)
+    eval_batches = corpus.eval_batches(cfg.batch_size, cfg.eval_sequences)
+    W = cfg.workers
+    shared = _Shared(cfg, W)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    eval_model = GPT(mcfg)
+    eval_params = list(eval_model.parameters())
+    inner_kind = inner_cfg.get("inner", "adamw")
+    lr = float(inner_cfg.get("lr", cfg.lr))
+    tokens_per_step = W * cfg.batch_size * mcfg.seq_len
+    t_start = time.monotonic()
+
+    def ledger_bytes() -> float:
+        return sum(t.ledger.bytes_sent for t in shared.transports) / W
+
+    def do_eval(rank: int, step: int, model: torch.nn.Module, train_loss: float, final: bool) -> None:
+        shared.params[rank] = [p.detach() for p in model.parameters()]
+        shared.barrier.wait(cfg.timeout)
+        if rank == 0:
+            with shared.lock, torch.no_grad():
+                per_worker = shared.params
+                differ = False
+                sq, count = 0.0, 0
+                for i, p in enumerate(eval_params):
+                    stack = torch.stack([ps[i] for ps in per_worker])
+                    p.copy_(stack.mean(0))
+                    differ = differ or bool((stack != stack[0]).any())
+                    sq += float((stack.double() - p.double()).pow(2).sum())
+                    count += stack.numel()
+                loss = evaluate(eval_model, eval_batches)
+                # spread: RMS over workers and parameters of theta_i - mean_j theta_j (NoLoCo's
+                # reference code logs the same "weight std"); 0 where every worker agrees.
+                point = {"step": step, "tokens": step * tokens_per_step, "bytes": ledger_bytes(),
+                         "eval_loss": loss, "train_loss": train_loss, "spread": math.sqrt(sq / max(1, count)),
+                         "elapsed": time.monotonic() - t_start}
+                shared.curve.append(point)
+                if writer is not None:
+                    writer.add_scalar(f"{name}/eval_loss", loss, step)
+                    writer.add_scalar(f"{name}/train_loss", train_loss, step)
+                    writer.add_scalar(f"{name}/bytes_per_worker", point["bytes"], step)
+                    writer.add_scalar(f"{name}/spread", point["spread"], step)
+                if progress is not None:
+                    progress(f"[{name}] step {step}/{cfg.steps}  held-out {loss:.3f}  train {train_loss:.3f}  "
+                             f"bytes/worker {point['bytes'] / 1e6:.1f} MB  ({point['elapsed']:.0f} s)")
+                if final:
+                    shared.final["eval_loss"] = loss
+                    worst = loss
+                    if differ:
+                        # Workers disagree (e.g. NoLoCo): each one alone, report the worst.
+                        for ps in per_worker:
+                            for p, q in zip(eval_params, ps):
+                                p.copy_(q)
+                            worst = max(worst, evaluate(eval_model, eval_batches))
+                    shared.final["worst"] = worst
+                    if cfg.save_state:
+                        from safetensors.torch import save_model
+
+                        for i, p in enumerate(eval_params):
+                            p.copy_(torch.stack([ps[i] for ps in per_worker]).mean(0))
+                        save_model(eval_model, cfg.save_state)
+        shared.barrier.wait(cfg.timeout)
+
+    def worker(transport) -> dict[str, Any]:
+        rank = transport.rank
+        shared.transports[rank] = transport
+        with shared.lock:
+            # torch's default generator is process-wide: seed and build under the lock.
+            torch.manual_seed(cfg.seed)
+            model = GPT(mcfg)
+            if cfg.init_state:
+                _load_weights(model, cfg.init_state)
+        inner = make_inner([p for p in model.parameters() if p.requires_grad], inner_kind, lr, cfg.weight_decay)
+        opt = strat.build(inner, transport, model=model, **knobs)
+        inner_opt = getattr(opt, "inner", opt)
+        timer = {"t": 0.0, "t0": 0.0}
+
+        # The inner step is compute: time it under the lock too. (Hooks, so a strategy's own
+        # communication inside opt.step() stays outside the lock.)
+        def pre(_o, _a, _k):
+            shared.lock.acquire()
+            timer["t0"] = time.perf_counter()
+
+        def post(_o, _a, _k):
+            timer["t"] += time.perf_counter() - timer["t0"]
+            shared.lock.release()
+
+        inner_opt.register_step_pre_hook(pre)
+        inner_opt.register_step_post_hook(post)
+
+        @contextlib.contextmanager
+        def guard():
+            with shared.lock:
+                t0 = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    timer["t"] += time.perf_counter() - t0
+
+        if hasattr(opt, "compute_guard"):
+            # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
+            # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
+            opt.compute_guard = guard
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+        stream = corpus.stream(rank, W, cfg.batch_size, cfg.seed)
+        ops_before = transport.ledger.ops
+        op_step = [0] * ops_before  # the step at which each ledger op was started (0: set-up)
+        compute: list[float] = []
+        train_losses: list[float] = []
+        shared.barrier.wait(cfg.timeout)
+        do_eval(rank, 0, model, float("nan"), False)
+        for step in range(1, cfg.steps + 1):
+            x, y = next(stream)
+            with shared.lock:
+                t0 = time.perf_counter()
+                _, loss = model(x, y)
+                loss.backward()
+                fb = time.perf_counter() - t0
+            timer["t"] = 0.0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            compute.append(fb + timer["t"])
+            train_losses.append(loss.item())
+            op_step.extend([step] * (transport.ledger.ops - len(op_step)))
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                recent = train_losses[-cfg.eval_every:]
+                do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
+        return {
+            "compute": compute,
+            "sync_log": list(getattr(opt, "sync_log", [])),
+            "records": list(transport.ledger.records),
+            "op_step": op_step,
+            "syncs": int(getattr(opt, "sync_count", 0)),
+            "failed": int(getattr(opt, "failed_syncs", 0)),
+        }
+
+    results = run_local(W, worker, timeout=cfg.timeout)
+    real = time.monotonic() - t_start
+    return _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, real)
+
+
+def _op_bytes(results: list[dict[str, Any]]) -> list[list[int]]:
+    """Bytes that size each op of each worker: for a collective every worker took part in, in
+    step with the others (same index, same kind), the busiest participant's bytes (everyone
+    waits for it); otherwise the worker's own bytes."""
+    W = len(results)
+    out = []
+    for r in results:
+        sizes = []
+        for i, rec in enumerate(r["records"]):
+            peers = [s["records"][i] for s in results if i < len(s["records"])]
+            if (rec.participants == W and len(peers) == W
+                    and all(p.kind == rec.kind and p.participants == W for p in peers)):
+                sizes.append(max(p.bytes_sent for p in peers))
+            else:
+                sizes.append(rec.bytes_sent)
+        out.append(sizes)
+    return out
+
+
+def _events(result: dict[str, Any], sizes: list[int], net: Network, scale: float = 1.0) -> list[CommEvent]:
+    """Communication events of one worker: one per sync record (its ops back to back), plus any
+    ledger op no record claims, exposed at the step it was started."""
+    records = result["records"]
+    claimed: set[int] = set()
+    events = []
+    for s in result["sync_log"]:
+        secs = 0.0
+        for op in s.op_ids:
+            if 0 <= op < len(records):
+                claimed.add(op)
+                secs += net.seconds(records[op].kind, records[op].participants, int(sizes[op] * scale))
+        events.append(CommEvent(s.launch_step, s.finish_step, secs))
+    for op, rec in enumerate(records):
+        if op not in claimed:
+            st = result["op_step"][op] if op < len(result["op_step"]) else 0
+            events.append(CommEvent(st, st, net.seconds(rec.kind, rec.participants, int(sizes[op] * scale))))
+    return events
+
+
+def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, real) -> RunResult:
+    W = len(results)
+    sizes = _op_bytes(results)
+    steps = cfg.steps
+    # Identical devices: a step's compute is the mean of the W measured times (the spread
+    # between workers is measurement noise on a shared machine, not stragglers).
+    compute = [sum(r["compute"][k] for r in results) / W for k in range(steps)]
+    sim_seconds, util = {}, {}
+    for b in cfg.bandwidths:
+        net = Network(float(b), cfg.latency)
+        clocks = [simulate_clock(compute, _events(r, sz, net)) for r, sz in zip(results, sizes)]
+        total = max(c.total for c in clocks)
+        sim_seconds[bandwidth_label(b)] = total
+        util[bandwidth_label(b)] = sum(compute) / total if total > 0 else 1.0
+    per_worker = [sum(rec.bytes_sent for rec in r["records"]) for r in results]
+    peak = 0
+    for r in results:
+        for s in r["sync_log"]:
+            peak = max(peak, sum(r["records"][op].bytes_sent for op in s.op_ids if 0 <= op < len(r["records"])))
+    params = sum(p.numel() for p in eval_model.parameters())
+    proj = None
+    if cfg.projection is not None:
+        pj = cfg.projection
+        scale = pj.params / params
+        pcompute = [pj.step_seconds] * steps
+        proj = {"label": "projection", **asdict(pj), "step_compute_seconds": pj.step_seconds,
+                "bytes_sent": sum(per_worker) / W * scale, "peak_bytes": peak * scale,
+                "sim_seconds": {}, "utilisation": {}}
+        for b in cfg.bandwidths:
+            net = Network(float(b), cfg.latency)
+            total = max(simulate_clock(pcompute, _events(r, sz, net, scale)).total for r, sz in zip(results, sizes))
+            proj["sim_seconds"][bandwidth_label(b)] = total
+            proj["utilisation"][bandwidth_label(b)] = sum(pcompute) / total
+    return RunResult(
+        strategy=name, knobs={k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                              for k, v in knobs.items()},
+        workers=W, steps=steps, params=params, tokens=steps * tokens_per_step,
+        final_eval_loss=shared.final["eval_loss"], worst_worker_eval_loss=shared.final["worst"],
+        bytes_sent=sum(per_worker) / W, bytes_sent_max=max(per_worker), peak_bytes=peak,
+        syncs=max(r["syncs"] for r in results), failed_syncs=max(r["failed"] for r in results),
+        compute_seconds=sum(compute), sim_seconds=sim_seconds, utilisation=util, curve=list(shared.curve),
+        projection=proj, real_seconds=real)
