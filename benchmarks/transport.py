@@ -59,7 +59,7 @@ def worker(cfg: dict) -> None:
     for mib in cfg["sizes"]:
         n = int(mib * (1 << 20)) // 4
         x = torch.randn(n)
-        for name, fn in configs.items():  # warm-up (buffers, connections)
+        for fn in configs.values():  # warm-up (buffers, connections)
             fn(x.clone())
         for rep in range(cfg["repeats"]):
             for name, fn in configs.items():

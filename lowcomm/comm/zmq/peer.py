@@ -35,6 +35,7 @@ global state that the members agree on, loads it and activates from the next ope
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -269,7 +270,10 @@ class ZmqTransport(P2PTransport):
                 if now >= deadline:
                     raise CommTimeout([], f"no answer from the coordinator at {self.coordinator}")
                 if now - last_send >= resend:
-                    self._req.send(frame)
+                    # NOBLOCK: a DEALER whose handshake was refused has no pipe, and a plain send
+                    # would block forever; the request is simply tried again at the next resend.
+                    with contextlib.suppress(zmq.Again):
+                        self._req.send(frame, flags=zmq.NOBLOCK)
                     last_send = now
                 if not poller.poll(int(1000 * min(0.2, max(0.0, deadline - now)))):
                     continue
@@ -478,7 +482,15 @@ class ZmqTransport(P2PTransport):
         self._maybe_fault()
         hdr = encode_header("data", self._id, self._epoch, op, tag, g, pi, nparts, dname, shape, off, codec)
         buf = payload.numpy() if payload.numel() else b""
-        sock.send_multipart([hdr, buf], copy=False)
+        start = time.monotonic()
+        while True:
+            try:
+                sock.send_multipart([hdr, buf], copy=False, flags=zmq.NOBLOCK)
+                break
+            except zmq.Again:  # no connection to the peer (yet): wait, but not forever
+                if time.monotonic() - start > self.progress_timeout:
+                    raise PeerLost([peer], f"could not send to member {peer} for {self.progress_timeout:g}s") from None
+                time.sleep(0.005)
         self.ledger.add(rec, peer, len(hdr) + payload.numel())
         self._sent_in_op += 1
 
@@ -668,7 +680,8 @@ class ZmqTransport(P2PTransport):
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_hb:
-                    hb.send(encode_control("hb", id=self._id, hashes=list(self._hashes)))
+                    with contextlib.suppress(zmq.Again):
+                        hb.send(encode_control("hb", id=self._id, hashes=list(self._hashes)), flags=zmq.NOBLOCK)
                     next_hb = now + self.heartbeat
                 events = dict(poller.poll(int(1000 * min(0.1, self.heartbeat / 2))))
                 if self._router in events:
@@ -701,8 +714,9 @@ class ZmqTransport(P2PTransport):
             if not m["known"]:
                 # The coordinator restarted (or dropped us): register again with our id and the verdicts
                 # we hold, so a verdict given before the restart cannot be decided differently after it.
-                hb.send(encode_control("join", id=self._id, addr=self.address, pub=self._pub,
-                                       active=self._active, next_op=self._seq, verdicts=list(self._verdicts)))
+                with contextlib.suppress(zmq.Again):
+                    hb.send(encode_control("join", id=self._id, addr=self.address, pub=self._pub, active=self._active,
+                                           next_op=self._seq, verdicts=list(self._verdicts)), flags=zmq.NOBLOCK)
                 return
             if not m["recovering"]:
                 ids = {x[0] for x in m["members"]}
@@ -758,7 +772,11 @@ class ZmqTransport(P2PTransport):
                 self._cv.notify_all()
         except WireError as e:
             self.dropped_invalid += 1
-            log.warning("member %d dropped an invalid message from %r: %s", self._id, rid, e)
+            key = ""
+            if self.curve is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    key = f" (CURVE key {frames[-1].get('User-Id')})"
+            log.warning("member %d dropped an invalid message from %r%s: %s", self._id, rid, key, e)
 
     # ---- joining: snapshots -------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module, optimizer: Any, *, verify_global: bool = True,
@@ -855,7 +873,7 @@ class ZmqTransport(P2PTransport):
                     raise CommTimeout([donor], f"donor {donor} sent nothing for {self.progress_timeout:g}s "
                                                f"while sending {what}")
         try:
-            s.send(encode_control("fetch", id=self._id, snap=None, tensor=-1))
+            s.send(encode_control("fetch", id=self._id, snap=None, tensor=-1), flags=zmq.NOBLOCK)
             frames = recv("snapshot metadata")
             m = decode_control(frames[0].bytes, ("snap", "nosnap"))
             if m["k"] == "nosnap":
@@ -875,7 +893,7 @@ class ZmqTransport(P2PTransport):
             need = [t.numel() * t.element_size() for t in tensors]
             while done < len(tensors):
                 while requested < len(tensors) and requested - done < window:
-                    s.send(encode_control("fetch", id=self._id, snap=m["snap"], tensor=requested))
+                    s.send(encode_control("fetch", id=self._id, snap=m["snap"], tensor=requested), flags=zmq.NOBLOCK)
                     requested += 1
                 frames = recv(f"tensor {done}")
                 if len(frames) == 1:
@@ -927,7 +945,7 @@ class ZmqTransport(P2PTransport):
                 self._opt.load_state_dict(state["opt"])
                 if self._verify_global:
                     self._verify(snap.sync, donor, deadline)
-            except (CommError, WireError, ValueError, KeyError, TypeError) as e:
+            except (CommError, WireError, ValueError, KeyError, TypeError, zmq.ZMQError) as e:
                 log.warning("member %d: snapshot from donor %d failed (%s); trying another donor", self._id, donor, e)
                 continue
             self._seq = snap.next_op
