@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -22,9 +23,13 @@ import lowcomm  # noqa: E402
 from lowcomm.outer.diloco import sgd_outer  # noqa: E402
 
 
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+_BUILD_LOCK = threading.Lock()  # the local reference builds models in threads: seed + init must not interleave
+
+
+def make_model(seed=0, width=8):
+    with _BUILD_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
 
 
 def batch(rank, step):
@@ -49,7 +54,7 @@ def build(strategy, model, transport, knobs):
 def train(transport, strategy="diloco", steps=6, knobs=None, hooks=None, start_after=None):
     """Train ``steps`` inner steps; ``hooks[step]`` runs before that step (test orchestration)."""
     knobs = dict(knobs or {})
-    model = make_model()
+    model = make_model(width=knobs.pop("width", 8))
     opt = build(strategy, model, transport, knobs)
     attach = getattr(transport, "attach", None)
     if attach is not None:
@@ -88,7 +93,8 @@ def main(cfg):
         out = {"member": t.rank, "params": flat(model.parameters()).numpy().tobytes().hex(),
                "anchors": flat(opt.units[0].anchors).numpy().tobytes().hex() if opt.units else "",
                "failed_syncs": opt.failed_syncs, "sync_count": opt.sync_count, "members": t.members(),
-               "ledger": [r.__dict__ for r in t.ledger.records], "local_step": opt.local_step}
+               "ledger": [r.__dict__ for r in t.ledger.records], "local_step": opt.local_step,
+               "header_bytes": {str(k): v for k, v in t.header_bytes.items()}}
         with open(cfg["out"] + ".tmp", "w") as f:
             json.dump(out, f, default=str)
         os.replace(cfg["out"] + ".tmp", cfg["out"])

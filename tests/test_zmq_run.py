@@ -29,7 +29,7 @@ HB = 0.2  # heartbeat seconds; the coordinator drops a peer silent for HB_TIMEOU
 HB_TIMEOUT = 3.0
 TRANSPORT = {"heartbeat": HB, "progress_timeout": 8.0, "join_timeout": 60.0}
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 
 @contextlib.contextmanager
@@ -228,11 +228,11 @@ def test_coordinator_restart_mid_run(peers, tmp_path):
         port = c.endpoint.rsplit(":", 1)[1]
         for _ in range(W):
             peers.spawn(c.endpoint, steps=steps, pause=[4, 3.0])
-        end = time.monotonic() + 90
+        end = time.monotonic() + 150
         while 2 not in c.released and time.monotonic() < end:  # op 2 = the 2nd sync
             time.sleep(0.02)
         epoch_before = c.epoch
-        assert 2 in c.released
+        assert 2 in c.released, peers.log(0)
     # the first coordinator is gone while the peers pause at step 4; a new one takes its port
     with coordinator(port, min_peers=W, state_file=state) as c2:
         assert c2.epoch > epoch_before
@@ -242,3 +242,61 @@ def test_coordinator_restart_mid_run(peers, tmp_path):
         assert r["failed_syncs"] == 0 and r["sync_count"] == steps // 2
         assert torch.equal(params_of(r), params_of(res[0]))
         assert (params_of(r) - ref[r["member"]]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("strategy, W, knobs", [
+    ("noloco", 4, {"sync_every": 2}),
+    ("demo", 3, {"topk": 2, "chunk": 4}),
+])
+def test_strategy_over_zmq_equals_local(peers, strategy, W, knobs):
+    """NoLoCo (group_reduce, no barrier) and DeMo (all_gather every step) end as on the local transport."""
+    from lowcomm.outer.registry import available
+
+    if strategy not in available():
+        pytest.skip(f"{strategy} is not registered")
+    steps = 6
+    with coordinator(min_peers=W) as c:
+        for _ in range(W):
+            peers.spawn(c.endpoint, steps=steps, strategy=strategy, knobs=knobs)
+        res = peers.wait(range(W))
+
+    def fn(t):
+        model, _ = worker.train(t, strategy, steps, knobs)
+        return worker.flat(model.parameters())
+    ref = run_local(W, fn, timeout=30)
+    assert sorted(r["member"] for r in res) == list(range(W))
+    for r in res:
+        assert r["failed_syncs"] == 0
+        assert (params_of(r) - ref[r["member"]]).abs().max() <= 1e-6
+
+
+def test_streaming_over_zmq_bit_identical_to_local(peers):
+    """Streaming DiLoCo (F=2 fragments, overlap 1, 4-bit E3M0) over ZeroMQ: the same bits as the local
+    transport (the quantized all-reduce sums at the owners in member order on both), and the payload of
+    every all-reduce equals the local ledger's, about 1/7 of the fp32 bytes."""
+    from lowcomm.outer.registry import available
+
+    if "streaming" not in available():
+        pytest.skip("streaming is not registered")
+    W, steps = 3, 8
+    knobs = {"sync_every": 4, "fragments": 2, "overlap": 1, "codec": "e3m0", "width": 256}
+    with coordinator(min_peers=W) as c:
+        for _ in range(W):
+            peers.spawn(c.endpoint, steps=steps, strategy="streaming", knobs=knobs)
+        res = peers.wait(range(W))
+
+    def fn(t):
+        model, _ = worker.train(t, "streaming", steps, dict(knobs))
+        return worker.flat(model.parameters()), [r.bytes_sent for r in t.ledger.records]
+    ref = run_local(W, fn, timeout=30)
+    n_params = 6 * 256 + 256 + 256 * 3 + 3
+    for r in res:
+        params, local_bytes = ref[r["member"]]
+        assert torch.equal(params_of(r), params)
+        reduces = [x for x in r["ledger"] if x["kind"] == "all_reduce"]
+        assert len(reduces) == 4 and all(x["ok"] for x in reduces)
+        for x in reduces:
+            payload = x["bytes_sent"] - r["header_bytes"][str(x["op_id"])]
+            assert payload == local_bytes[x["op_id"]]
+            fp32 = 2 * (W - 1) / W * 4 * n_params / 2
+            assert 1 / 9 < payload / fp32 < 1 / 5, payload / fp32

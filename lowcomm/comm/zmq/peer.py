@@ -165,6 +165,7 @@ class ZmqTransport(P2PTransport):
         self.curve = curve
         self.fault = dict(fault or {})
         self.dropped_invalid = 0
+        self.header_bytes: dict[int, int] = {}  # ledger op id -> header bytes among its bytes_sent
 
         self.ctx = zmq.Context()
         self._auth = curve.start_authenticator(self.ctx) if curve is not None else None
@@ -492,6 +493,7 @@ class ZmqTransport(P2PTransport):
                     raise PeerLost([peer], f"could not send to member {peer} for {self.progress_timeout:g}s") from None
                 time.sleep(0.005)
         self.ledger.add(rec, peer, len(hdr) + payload.numel())
+        self.header_bytes[rec.op_id] = self.header_bytes.get(rec.op_id, 0) + len(hdr)
         self._sent_in_op += 1
 
     def _send_parts(self, sock, peer, op, tag, g, parts, rec, codec=None) -> None:
