@@ -8,7 +8,17 @@ Replace your optimizer with a lowcomm outer optimizer; nothing else in the loop 
 
 from .comm import CommError, PeerLost, Transport, connect
 from .comm.local import run_local
-from .outer import DDP, DeMo, DiLoCo, NoLoCo, OuterOptimizer, available, get_strategy, register_strategy
+from .outer import (
+    DDP,
+    DeMo,
+    DiLoCo,
+    NoLoCo,
+    OuterOptimizer,
+    StreamingDiLoCo,
+    available,
+    get_strategy,
+    register_strategy,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +30,7 @@ __all__ = [
     "NoLoCo",
     "OuterOptimizer",
     "PeerLost",
+    "StreamingDiLoCo",
     "Transport",
     "__version__",
     "available",

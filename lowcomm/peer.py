@@ -98,7 +98,16 @@ def run_peer(args: Any, stop: threading.Event | None = None) -> int:
         with open(os.path.join(cfg.out_dir, "peer.json"), "w") as f:
             json.dump({"member": transport.rank, "steps": res.steps, "syncs": res.syncs,
                        "failed_syncs": res.failed_syncs, "bytes_sent": res.bytes_sent,
-                       "final_eval_loss": res.final_eval_loss, "left_early": stop.is_set()}, f)
+                       "final_eval_loss": res.final_eval_loss, "left_early": stop.is_set(),
+                       "seconds": res.seconds}, f)
+        # What the network lab compares with the simulator: per-step times, syncs, bytes per op.
+        with open(os.path.join(cfg.out_dir, "timeline.json"), "w") as f:
+            json.dump({"timeline": res.timeline, "first_step": res.first_step, "seconds": res.seconds,
+                       "members": transport.members(),
+                       "syncs": [[r.unit, r.launch_step, r.finish_step, r.op_ids, r.committed]
+                                 for r in res.sync_log],
+                       "ops": [[r.op_id, r.kind, r.participants, r.bytes_sent] for r in transport.ledger.records]},
+                      f)
         print(f"member {transport.rank} leaves after step {res.steps}: {res.syncs} syncs committed, "
               f"{res.failed_syncs} rolled back, {res.bytes_sent / 1e6:.2f} MB sent", flush=True)
     finally:

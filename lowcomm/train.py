@@ -147,6 +147,11 @@ class TrainResult:
     seconds: float
     params: list[torch.Tensor]  # this process's final parameters (CPU copies)
     out_dir: str
+    # Per step of this session: [seconds of forward/backward (+clip), seconds of opt.step(), whether
+    # opt.step() communicated]; the network lab feeds it to the simulator's clock.
+    timeline: list[list] = field(default_factory=list)
+    first_step: int = 0  # the step this session started from (timeline[i] is step first_step + i + 1)
+    sync_log: list[Any] = field(default_factory=list)  # the optimizer's SyncRecords
 
 
 # ---- recipes ----------------------------------------------------------------------------------
@@ -318,8 +323,12 @@ def _barrier(layout: _Layout) -> None:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+def _say(text: str) -> None:
+    print(text, flush=True)  # flushed: progress must show through pipes (torchrun, peers, the lab)
+
+
 def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | str = False,
-          progress: Callable[[str], None] | None = print, stop: threading.Event | None = None,
+          progress: Callable[[str], None] | None = _say, stop: threading.Event | None = None,
           every_member_logs: bool = False) -> TrainResult:
     """Train ``cfg`` on ``transport`` (default: ``lowcomm.connect(cfg.replica_size)``).
 
@@ -433,6 +442,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     last_loss = float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
     final_eval = float("nan")
+    timeline: list[list] = []
     while step < cfg.steps:
         if stop is not None and stop.is_set():
             say(f"stopping at step {step} (asked to)")
@@ -440,6 +450,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         lr = lr_at(cfg, peak_lr, step)
         for g in opt.param_groups:
             g["lr"] = lr
+        t_step = time.monotonic()
         x, y = next(stream)
         x, y = x[lo:lo + rows].to(device), y[lo:lo + rows].to(device)
         loss_sum = 0.0
@@ -457,12 +468,23 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         n_log = len(opt.sync_log) if hasattr(opt, "sync_log") else 0
         t0 = time.monotonic()
+        t_fb = t0 - t_step
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if hasattr(opt, "sync_log") and len(opt.sync_log) != n_log:
-            sync_seconds += time.monotonic() - t0
+        t_opt = time.monotonic() - t0
+        synced = hasattr(opt, "sync_log") and len(opt.sync_log) != n_log
+        if synced:
+            sync_seconds += t_opt
+        timeline.append([t_fb, t_opt, synced])
         step += 1
         tokens += cfg.batch_size * m.seq_len
+        if attach is not None and getattr(opt, "local_step", step) != step:
+            # The run dropped this peer (it missed a sync) and it re-joined from a donor's snapshot
+            # inside opt.step(): continue from the donor's step, on the schedule the run is on.
+            say(f"re-joined the run at step {opt.local_step} (was at step {step})")
+            step = int(opt.local_step)
+            stream.step = step
+            tokens = step * cfg.batch_size * m.seq_len
         last_loss = loss_sum / cfg.grad_accum
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -500,7 +522,8 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     sent = bytes_base + transport.ledger.bytes_sent
     res = TrainResult(step, tokens, final_eval, eval_curve, sent, getattr(opt, "sync_count", 0),
                       getattr(opt, "failed_syncs", 0), seconds,
-                      [p.detach().to("cpu", copy=True) for p in model.parameters()], out_dir)
+                      [p.detach().to("cpu", copy=True) for p in model.parameters()], out_dir, timeline, start_step,
+                      list(getattr(opt, "sync_log", [])))
     if layout.leader:
         # Each replica's final weights (its local parameters), for inspection and comparisons.
         from safetensors.torch import save_file

@@ -191,6 +191,10 @@ def main(scenario, outdir):
         t = lowcomm.connect(timeout=60)
         out, meta = scenario_two(t)
         meta["repr"] = repr(t)
+        native_vs_p2p(t, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
+        save(outdir, rank, out, meta)
+        # a member that stalls: rank 0 times out at its deadline, then rank 1 fails too
+        meta["stall"] = stall_run(TorchDistTransport(1, timeout=3), rank, outdir)
         save(outdir, rank, out, meta)
         # then rank 1 dies mid-run on a fresh transport: rank 0 must fail clearly, not hang
         meta["die"] = die_run(TorchDistTransport(1, timeout=20), rank)
@@ -202,8 +206,16 @@ def main(scenario, outdir):
         out.update(ddp_run(th, "hier"))
         meta["hier_ledger"] = ledger_rows(th.ledger)
         meta["hier_replica_ledger"] = ledger_rows(th.replica_ledger)
+        # mixed dtypes and a codec on the hierarchical path (same tensors inside a replica)
+        g = torch.Generator().manual_seed(5 + t.replica_id)
+        xs = [torch.randn(41, generator=g), torch.randn(3, 7, generator=g).to(torch.bfloat16)]
+        for name, tr, codec in (("flat", t, None), ("hier", th, None), ("hierq", th, "int8")):
+            ys = [x.clone() for x in xs]
+            tr.all_reduce(ys, codec=codec).wait(60)
+            out[f"hmix/{name}/0"], out[f"hmix/{name}/1"] = ys
         t1 = TorchDistTransport(1, timeout=60)
         o, m = scenario_four_members(t1)
+        native_vs_p2p(t1, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
         out.update(o)
         meta["members4"] = m
         meta["ids"] = [t.rank, t.replica_id, t.replica_rank, t.num_replicas, t.world_size, t1.rank, t1.world_size]
@@ -223,12 +235,42 @@ def main(scenario, outdir):
     save(outdir, rank, out, meta)
 
 
+def native_vs_p2p(t, tn, out, meta):
+    """The same mixed-dtype mean through lowcomm's p2p all_reduce and through gloo's ring."""
+    g = torch.Generator().manual_seed(3 + t.rank)
+    xs = [torch.randn(37, generator=g), torch.randn(3, 5, generator=g).to(torch.bfloat16)]
+    for name, tr in (("p2p", t), ("ring", tn)):
+        ys = [x.clone() for x in xs]
+        tr.all_reduce(ys).wait(60)
+        out[f"native/{name}/0"], out[f"native/{name}/1"] = ys
+    meta["native_ledger"] = ledger_rows(tn.ledger)
+
+
 def save(outdir, rank, out, meta):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(outdir, f"rank{rank}.safetensors"))
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(meta, f)
+
+
+def stall_run(t, rank, outdir):
+    from lowcomm.comm.base import CommError
+
+    flag = os.path.join(outdir, "rank0-timed-out")
+    t0 = time.monotonic()
+    if rank == 1:  # take no part until rank 0 has given up (bounded wait)
+        while not os.path.exists(flag) and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+    t0 = time.monotonic()
+    try:
+        t.all_reduce([torch.ones(4)]).wait(30)
+        res = {"error": None}
+    except CommError as e:
+        res = {"error": type(e).__name__, "message": str(e), "seconds": time.monotonic() - t0}
+    if rank == 0:
+        open(flag, "w").close()
+    return res
 
 
 def die_run(t, rank):

@@ -187,11 +187,12 @@ def test_no_global_collective(broadcast):
         assert syncs == rounds
 
 
-@pytest.mark.parametrize("W", [4, 8, 16])
-def test_bytes_per_worker_per_sync_are_p_values(W):
-    def worker(t):
+@pytest.mark.parametrize("W,kw", [(4, {}), (8, {}), (16, {}), (4, {"consensus_lr": 0.0}),
+                                  (4, {"consensus_lr": 0.3})])
+def test_bytes_per_worker_per_sync_are_p_values(W, kw):
+    def worker(t, **kw):
         m = make_model()
-        opt = lowcomm.NoLoCo(torch.optim.SGD(m.parameters(), lr=0.01), transport=t, sync_every=1)
+        opt = lowcomm.NoLoCo(torch.optim.SGD(m.parameters(), lr=0.01), transport=t, sync_every=1, **kw)
         for step in range(2):
             opt.zero_grad()
             loss_of(m, *batch(t.rank, step)).backward()
@@ -199,10 +200,11 @@ def test_bytes_per_worker_per_sync_are_p_values(W):
         P = sum(p.numel() for p in m.parameters())
         return P, [(r.bytes_sent, dict(r.bytes_by_peer)) for r in t.ledger.records if r.kind == "group_reduce"]
 
-    for P, recs in run_local(W, worker):
+    for P, recs in run_local(W, worker, **kw):
         assert len(recs) == 2
         for nbytes, by_peer in recs:
-            assert nbytes == 4 * P and len(by_peer) == 1  # one peer, P fp32 values, whatever W is
+            # one peer, P fp32 values whatever W is (2P in the general beta != gamma form: theta and phi)
+            assert nbytes == (8 if kw.get("consensus_lr") == 0.3 else 4) * P and len(by_peer) == 1
 
 
 def test_world_of_one_runs_the_update_alone():

@@ -180,6 +180,12 @@ def test_hierarchical_equals_flat_with_one_replica_copy_across(four):
             # each about half of what every rank sends on the flat path
             assert h[1] + m[1] == f[1]
             assert abs(h[1] - f[1] / 2) <= 8
+        # mixed dtypes: the same bits as the flat path; with int8 every rank holds the same
+        # bits, close to the exact mean
+        for i in range(2):
+            assert torch.equal(four[g][0][f"hmix/flat/{i}"], four[g][0][f"hmix/hier/{i}"])
+            assert torch.equal(four[g][0][f"hmix/hierq/{i}"], four[0][0][f"hmix/hierq/{i}"])
+            assert maxdiff(four[g][0][f"hmix/hierq/{i}"], four[g][0][f"hmix/flat/{i}"]) < 0.05
         # and the shards travel inside the replica instead
         intra = meta["hier_replica_ledger"]
         assert len(intra) == W.STEPS // W.H and all(row[1] > 0 for row in intra)
@@ -194,6 +200,28 @@ def test_lost_rank_fails_survivor_clearly(two):
     assert "PeerLost" in meta["cause"]
     assert meta["failed_syncs"] == 1 and meta["sync_count"] == 1
     assert meta["after"] == "TransportFailed"
+
+
+def test_native_ring_all_reduce_matches_p2p(two, four):
+    for runs, w in ((two, 2), (four, 4)):
+        for got, meta in runs:
+            # fp32: a different summation order only; bf16: summed in fp32, rounded once
+            assert maxdiff(got["native/ring/0"], got["native/p2p/0"]) <= 1e-6
+            assert got["native/ring/1"].dtype == torch.bfloat16
+            assert maxdiff(got["native/ring/1"], got["native/p2p/1"]) <= (0 if w == 2 else 2 ** -7)
+            # the ledger holds the ring's framing of the fp32 buffer: 2 (W-1)/W of (37 + 15) * 4 bytes
+            (kind, nbytes, _), = meta["native_ledger"]
+            assert kind == "all_reduce" and nbytes == 2 * (w - 1) * 52 * 4 // w
+
+
+def test_stalled_member_times_out(two):
+    """Rank 1 stays away from an all_reduce: rank 0 fails at its 3 s deadline naming member 1;
+    rank 1, arriving later, fails too instead of hanging."""
+    s0, s1 = two[0][1]["stall"], two[1][1]["stall"]
+    # (the p2p layer reports every failed operation as PeerLost; the cause says it was the deadline)
+    assert s0["error"] in ("PeerLost", "CommTimeout"), s0
+    assert "member 1 (global rank 1) before the deadline (3s)" in s0["message"], s0
+    assert s1["error"] in ("PeerLost", "CommTimeout"), s1
 
 
 def test_init_timeout_raises(tmp_path):

@@ -34,6 +34,11 @@ carry one copy per replica instead of ``R``. Without a codec the result is bit-i
 the flat path (the sums are elementwise in the same member order); :attr:`ledger` counts
 the cross-replica bytes, :attr:`replica_ledger` the intra-replica all-gather.
 
+``native_all_reduce=True`` runs uncompressed all_reduces with gloo's own all_reduce on fp32
+copies instead (faster on loopback, see benchmarks/README.md; sums within float rounding of
+the p2p path, not bit-identical to the local transport); its ledger entry is the ring's
+framing of the buffer passed, ``2 (W-1)/W`` of its bytes, since gloo reports nothing.
+
 Fail-stop (the choice made here). torch.distributed cannot drop a rank and go on, so a lost
 rank ends the run: the operation that sees it fails on this rank with
 :class:`~lowcomm.comm.base.PeerLost` (a closed connection, naming the member and global
@@ -48,6 +53,7 @@ not complete within ``timeout`` raises ``CommTimeout``.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import threading
@@ -70,6 +76,19 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int32, torch.int64, torch.bool)
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}
 _MAX_HEADER = 1 << 16  # int64 words; a header longer than this is corrupt
+_HEADER = 32  # int64 words in a message's first (fixed-size) header; longer ones continue in a second
+_ONE_SENDER = ("bc",)  # phases where one member sends to the others (no receives posted ahead)
+
+
+class _Incoming:
+    """A message being received: its fixed-size header, then its parts."""
+
+    __slots__ = ("hdr", "work", "parts", "works")
+
+    def __init__(self, hdr: torch.Tensor, work: Any):
+        self.hdr, self.work = hdr, work
+        self.parts: list[torch.Tensor] | None = None
+        self.works: list[Any] = []
 
 
 class TransportFailed(RuntimeError):
@@ -106,6 +125,8 @@ class _GroupP2P(P2PTransport):
         self._op_lost: set[int] = set()
         self._op_error: CommError | None = None
         self._failure: BaseException | None = None
+        self._op_members: list[int] = []
+        self._inbox: dict[tuple[int, int], collections.deque] = {}
 
     @property
     def rank(self) -> int:
@@ -128,6 +149,7 @@ class _GroupP2P(P2PTransport):
 
     def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
         def noted(*args):
+            self._op_members = list(args[2])
             try:
                 return body(*args)
             except CommError as e:  # kept so that the fail-stop error can say what happened
@@ -171,36 +193,49 @@ class _GroupP2P(P2PTransport):
         if tag[1] in ("qrs", "qag"):
             # Codec output is small; copy it in case a codec hands out reused buffers.
             parts = [p.clone() for p in parts]
-        words = [len(parts)]
+        words = [0, len(parts)]
         for p in parts:
             if p.dtype not in _DTYPE_CODE:
                 raise CommError(f"cannot send dtype {p.dtype}; supported: {[str(d) for d in _DTYPES]}")
             if p.device.type != "cpu":
                 raise CommError("internal: lowcomm's gloo messages carry host tensors only")
             words += [_DTYPE_CODE[p.dtype], p.dim(), *p.shape]
-        header = torch.tensor(words, dtype=torch.int64)
-        size = torch.tensor([header.numel()], dtype=torch.int64)
-        keep = [size, header, *parts]
-        for t in (size, header, *[p for p in parts if p.numel() > 0]):
+        words[0] = len(words)
+        if len(words) > _MAX_HEADER:
+            raise CommError(f"a message of {len(parts)} tensors is too large a header; send fewer, larger tensors")
+        header = torch.zeros(max(_HEADER, len(words)), dtype=torch.int64)
+        header[:len(words)] = torch.tensor(words, dtype=torch.int64)
+        # The first _HEADER words go as one fixed-size message (its receive is posted ahead of
+        # time, see _recv); a longer header continues in a second message.
+        msgs = [header[:_HEADER]] + ([header[_HEADER:]] if len(words) > _HEADER else [])
+        keep = [header, *parts]
+        for t in (*msgs, *[p for p in parts if p.numel() > 0]):
             work = self._post(dist.isend, t, peer, wt, f"sending {tag[1:]}")
             self._pending.append((peer, work, keep))
         # Payload only, as the local transport counts it; the header is framing.
         self.ledger.add(rec, peer, sum(p.numel() * p.element_size() for p in parts))
 
-    def _recv(self, peer: int, tag: tuple, deadline: float) -> list[torch.Tensor]:
-        wt = _wire_tag(tag)
-        what = f"message {tag[1:]} of operation {tag[0]}"
-        size = torch.empty(1, dtype=torch.int64)
-        self._wait(self._post(dist.irecv, size, peer, wt, what), peer, deadline, what)
-        n = int(size.item())
-        if not 1 <= n <= _MAX_HEADER:
-            raise CommError(f"corrupt header length {n} from {self._describe(peer)}")
-        header = torch.empty(n, dtype=torch.int64)
-        self._wait(self._post(dist.irecv, header, peer, wt, what), peer, deadline, what)
-        words = header.tolist()
-        parts, works, i = [], [], 1
+    def _post_header(self, peer: int, wt: int) -> None:
+        hdr = torch.empty(_HEADER, dtype=torch.int64)
+        work = self._post(dist.irecv, hdr, peer, wt, "a message header")
+        self._inbox.setdefault((peer, wt), collections.deque()).append(_Incoming(hdr, work))
+
+    def _advance(self, inc: _Incoming, peer: int, wt: int, deadline: float, block: bool, what: str) -> None:
+        """Once ``inc``'s header is in, post the receives of its parts (so their data flows)."""
+        if inc.parts is not None or (not block and not inc.work.is_completed()):
+            return
+        self._wait(inc.work, peer, deadline, what)
+        words = inc.hdr.tolist()
+        n = words[0]
+        if not 2 <= n <= _MAX_HEADER:
+            raise CommError(f"corrupt header (length {n}) from {self._describe(peer)}")
+        if n > _HEADER:
+            ext = torch.empty(n - _HEADER, dtype=torch.int64)
+            self._wait(self._post(dist.irecv, ext, peer, wt, what), peer, deadline, what)
+            words = words + ext.tolist()
+        parts, works, i = [], [], 2
         try:
-            for _ in range(words[0]):
+            for _ in range(words[1]):
                 code, ndim = words[i], words[i + 1]
                 shape = words[i + 2:i + 2 + ndim]
                 i += 2 + ndim
@@ -210,9 +245,35 @@ class _GroupP2P(P2PTransport):
                     works.append(self._post(dist.irecv, t, peer, wt, what))
         except (IndexError, RuntimeError) as e:
             raise CommError(f"corrupt header from {self._describe(peer)}: {e}") from None
-        for w in works:
+        inc.parts, inc.works = parts, works
+
+    def _recv(self, peer: int, tag: tuple, deadline: float) -> list[torch.Tensor]:
+        """Receive ``peer``'s next message on ``tag``.
+
+        gloo moves a message only once its receive is posted, so waiting for one peer at a
+        time would serialise the peers (and all ranks would queue on member 0 first). So the
+        first receive of a phase posts header receives for every other member of the
+        operation, and while waiting for one peer the parts of every peer whose header has
+        arrived are posted too; the data of all peers flows at once, and the results are
+        still consumed in member order. Receives are per (peer, tag) queues in message
+        order, so one posted for a message that comes in a later operation is used then.
+        """
+        wt = _wire_tag(tag)
+        what = f"message {tag[1:]} of operation {tag[0]}"
+        if tag[1] not in _ONE_SENDER:
+            for p in self._op_members:
+                if p != self._me and not self._inbox.get((p, wt)):
+                    self._post_header(p, wt)
+        if not self._inbox.get((peer, wt)):
+            self._post_header(peer, wt)
+        inc = self._inbox[(peer, wt)].popleft()
+        self._advance(inc, peer, wt, deadline, True, what)
+        for (p, w2), q in self._inbox.items():
+            if w2 == wt and q and p != peer:
+                self._advance(q[0], p, wt, deadline, False, what)
+        for w in inc.works:
             self._wait(w, peer, deadline, what)
-        return parts
+        return inc.parts
 
     def _flush_sends(self, deadline: float) -> None:
         pending, self._pending = self._pending, []
@@ -291,6 +352,8 @@ class TorchDistTransport(_GroupP2P):
         timeout: seconds an operation (and each group's set-up) may take before it fails.
         hierarchical: all_reduce syncs only this rank's ``1/R`` shard across replicas and
             all-gathers inside the replica (every rank of a replica must hold the same tensors).
+        native_all_reduce: uncompressed all_reduce through gloo's ring (not bit-identical to
+            the local transport; the ledger records the ring's framing).
 
     Attributes:
         replica_group: process group of this rank's replica (default backend), for DDP/FSDP.
@@ -299,7 +362,8 @@ class TorchDistTransport(_GroupP2P):
             by the hierarchical all-gather.
     """
 
-    def __init__(self, replica_size: int = 1, *, timeout: float = DEFAULT_TIMEOUT, hierarchical: bool = False):
+    def __init__(self, replica_size: int = 1, *, timeout: float = DEFAULT_TIMEOUT, hierarchical: bool = False,
+                 native_all_reduce: bool = False):
         if isinstance(replica_size, bool) or not isinstance(replica_size, int) or replica_size < 1:
             raise ValueError(f"replica_size must be an integer >= 1 (ranks per replica), got {replica_size!r}")
         if not timeout or timeout <= 0:
@@ -316,6 +380,9 @@ class TorchDistTransport(_GroupP2P):
         self.replica_id, self.replica_rank = divmod(grank, R)
         self.global_rank = grank
         self.hierarchical = bool(hierarchical)
+        self.native_all_reduce = bool(native_all_reduce)
+        if self.hierarchical and self.native_all_reduce:
+            raise ValueError("hierarchical=True and native_all_reduce=True do not combine; pick one")
         td = datetime.timedelta(seconds=float(timeout))
         replica_ranks = [list(range(k * R, (k + 1) * R)) for k in range(n)]
         cross_ranks = [[k * R + r for k in range(n)] for r in range(R)]
@@ -341,7 +408,7 @@ class TorchDistTransport(_GroupP2P):
     # ---- construction from torchrun's environment ------------------------------------------------
     @classmethod
     def from_env(cls, replica_size: int = 1, backend: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 hierarchical: bool = False) -> TorchDistTransport:
+                 hierarchical: bool = False, native_all_reduce: bool = False) -> TorchDistTransport:
         """Initialise torch.distributed from torchrun's variables and build the transport.
 
         ``backend`` defaults to nccl when CUDA is available (for the replicas' DDP/FSDP),
@@ -374,7 +441,7 @@ class TorchDistTransport(_GroupP2P):
                 raise CommTimeout([], f"torch.distributed initialisation ({backend}, {where}) did not complete "
                                       f"within {timeout}s: {first}") from e
             owns = True
-        t = cls(replica_size, timeout=timeout, hierarchical=hierarchical)
+        t = cls(replica_size, timeout=timeout, hierarchical=hierarchical, native_all_reduce=native_all_reduce)
         t._owns_default_group = owns
         return t
 
@@ -430,6 +497,8 @@ class TorchDistTransport(_GroupP2P):
         tensors = list(tensors)
         if self.hierarchical and self.replica_size > 1:
             return self._staged(tensors, lambda ts: self._hierarchical_all_reduce(ts, op, codec))
+        if self.native_all_reduce and (codec is None or getattr(codec, "name", codec) in ("identity", "none")):
+            return self._staged(tensors, lambda ts: self._native_all_reduce(ts, op))
         return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec))
 
     def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
@@ -461,6 +530,44 @@ class TorchDistTransport(_GroupP2P):
         self._check_usable()
         return self._staged(list(tensors), lambda ts: P2PTransport.broadcast(self, ts, src))
 
+    def _native_all_reduce(self, tensors: list[torch.Tensor], op: str) -> Handle:
+        """gloo's own all_reduce (a ring) on fp32 (or fp64) copies; faster, not bit-identical to local.
+
+        The ledger records the ring's framing of the buffer passed, ``2 (W-1)/W`` of its
+        bytes, under the ring successor: gloo does not report what it sent, so this one count
+        is the algorithm's, not a measurement.
+        """
+        members = self._members_or_raise()
+
+        def body(seq, rec, members, deadline):
+            w, me = len(members), members.index(self.rank)
+            flats = []
+            for dtype, idxs in _dtype_groups(tensors):
+                acc = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 accumulation
+                flat = _flatten(tensors, idxs, acc)
+                if w > 1:
+                    try:
+                        work = dist.all_reduce(flat, group=self._group, async_op=True)
+                        left = deadline - time.monotonic()
+                        if left <= 0 or work.wait(timeout=datetime.timedelta(seconds=left)) is False:
+                            raise RuntimeError("timed out")
+                    except RuntimeError as e:
+                        msg = str(e).splitlines()[0] if str(e) else repr(e)
+                        raise PeerLost([], f"gloo all_reduce among {w} members failed: {msg}") from None
+                    nbytes = flat.numel() * flat.element_size()
+                    self.ledger.add(rec, members[(me + 1) % w], 2 * (w - 1) * nbytes // w)
+                if op == "mean":
+                    flat.div_(w)
+                flats.append((flat.to(dtype), idxs))
+
+            def finish():
+                for flat, idxs in flats:
+                    _unflatten_into(flat, tensors, idxs)
+                return tensors
+            return finish
+
+        return self._start("all_reduce", members, body, tag="native")
+
     def _hierarchical_all_reduce(self, tensors: list[torch.Tensor], op: str, codec: Any) -> Handle:
         """Shard ``replica_rank`` of ``R`` goes across replicas; the replica all-gathers the shards."""
         if codec is not None:
@@ -490,7 +597,7 @@ class TorchDistTransport(_GroupP2P):
                 # Inside the replica: every rank sends its reduced shard to the others.
                 irec = intra.ledger.begin("all_gather", R, tag=f"hierarchical all_reduce #{seq}")
                 try:
-                    intra._op_lost = set()
+                    intra._op_lost, intra._op_members = set(), list(range(R))
                     for peer in range(R):
                         if peer != rr:
                             intra._send(peer, (seq, "hag", gi), [shard], irec)

@@ -6,6 +6,8 @@ from .demo import DeMo
 from .diloco import DiLoCo
 from .noloco import NoLoCo, noloco_groups
 from .registry import Strategy, available, default_strategies, get_strategy, register_strategy
+from .streaming import StreamingDiLoCo
 
-__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "SyncUnit", "available",
-           "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups", "register_strategy"]
+__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "StreamingDiLoCo", "SyncUnit",
+           "available", "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups",
+           "register_strategy"]

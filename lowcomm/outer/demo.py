@@ -445,7 +445,10 @@ def _build(inner, transport, model=None, *, topk: int = 32, chunk: int = 64, dec
                 weight_decay=weight_decay, values=values)
 
 
-register_strategy("demo", _build, {"inner": "sgd", "lr": 1e-3, "topk": 32, "chunk": 64, "decay": 0.999,
+# Simulator defaults: lr 3e-3 was the best of {2e-3, 3e-3, 5e-3} for sign descent on the simulator's
+# 300-step GPT run, and decay 0.99 beat the paper's 0.999 there (a 0.999 momentum outlives such a short
+# run); see benchmarks/README.md. The class keeps the paper's defaults.
+register_strategy("demo", _build, {"inner": "sgd", "lr": 3e-3, "topk": 32, "chunk": 64, "decay": 0.99,
                                    "sign": True, "weight_decay": 0.0, "values": "bf16"},
                   "DeMo: every step, all-gather the top-k DCT coefficients of each chunk of the momentum; "
                   "sign-SGD on their mean")

@@ -28,7 +28,7 @@ reference code does (outer lr 0.7 on both terms, heavy-ball momentum). ``consens
 selects the general form: ``gamma = consensus_lr``, ``beta = outer_lr``. Then the group
 needs ``mean_G(phi_j)`` as well, so each worker sends ``[theta_i, phi_i]`` (2P values).
 ``consensus_lr=0`` drops the consensus term (workers only share pseudo-gradients and drift
-apart), the ablation the benchmark runs.
+apart), the ablation the benchmark runs; then only ``phi_i - theta_i`` travels (P values).
 
 **Stock optimizer.** The outer step is ``torch.optim.SGD(lr=eta, momentum=mu, dampening=0)``
 stepping ``phi_i`` with gradient ``g = phi_i - mean_G(theta_j)``. SGD keeps
@@ -149,7 +149,12 @@ class NoLoCo(OuterOptimizer):
     @property
     def sends_phi(self) -> bool:
         """Whether the general form is on (theta and phi travel: 2P values per peer)."""
-        return self.consensus_lr is not None and self.consensus_lr != self.outer_lr
+        return self.consensus_lr is not None and self.consensus_lr not in (0.0, self.outer_lr)
+
+    @property
+    def sends_pseudo_grad(self) -> bool:
+        """``consensus_lr=0``: only ``phi_i - theta_i`` travels (P values), averaged in the group."""
+        return self.consensus_lr == 0.0 and self.outer_lr != 0.0
 
     @property
     def sync_round(self) -> int:
@@ -182,7 +187,12 @@ class NoLoCo(OuterOptimizer):
         # theta travels as is: group_reduce writes mean_G(theta) into the parameters only on
         # success, and the parameters are reset to phi afterwards either way.
         buffers = list(unit.params)
-        if self.sends_phi:
+        if self.sends_pseudo_grad:
+            # theta := phi - theta in place (the sync resets theta anyway): the group averages
+            # pseudo-gradients only, as DiLoCo does globally.
+            for p, a in zip(unit.params, unit.anchors):
+                p.neg_().add_(a)
+        elif self.sends_phi:
             buffers += [a.clone() for a in unit.anchors]
         try:
             handle = self.transport.group_reduce(group, buffers, op="mean")
@@ -195,7 +205,9 @@ class NoLoCo(OuterOptimizer):
         unit = pending.unit
         n = len(unit.params)
         mean_theta = pending.buffers[:n]  # these are the parameters themselves
-        if self.sends_phi:
+        if self.sends_pseudo_grad:
+            pass  # the buffers already hold mean_G(phi_j - theta_j), the gradient to step with
+        elif self.sends_phi:
             # g = mean(phi_j - theta_j) + (gamma/eta) (phi_i - mean(phi_j)), built in the
             # parameters (overwritten by reset_locals below).
             c = self.consensus_lr / self.outer_lr

@@ -278,7 +278,9 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                     stack = torch.stack([ps[i] for ps in per_worker])
                     p.copy_(stack.mean(0))
                     differ = differ or bool((stack != stack[0]).any())
-                    sq += float((stack.double() - p.double()).pow(2).sum())
+                    # in float64 around the float64 mean: identical workers give exactly 0
+                    s64 = stack.double()
+                    sq += float((s64 - s64.mean(0)).pow(2).sum())
                     count += stack.numel()
                 loss = evaluate(eval_model, eval_batches)
                 # spread: RMS over workers and parameters of theta_i - mean_j theta_j (NoLoCo's
