@@ -22,7 +22,6 @@ torch.set_num_threads(1)
 import lowcomm  # noqa: E402
 from lowcomm.outer.diloco import sgd_outer  # noqa: E402
 
-
 _BUILD_LOCK = threading.Lock()  # the local reference builds models in threads: seed + init must not interleave
 
 
