@@ -25,10 +25,26 @@ from lowcomm.outer.diloco import sgd_outer  # noqa: E402
 _BUILD_LOCK = threading.Lock()  # the local reference builds models in threads: seed + init must not interleave
 
 
+class Net(torch.nn.Module):
+    """A tiny MLP whose middle layers are a ModuleList of blocks (what Streaming DiLoCo fragments)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, width)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(2)])
+        self.out = torch.nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.inp(x))
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return self.out(x)
+
+
 def make_model(seed=0, width=8):
     with _BUILD_LOCK:
         torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
+        return Net(width)
 
 
 def batch(rank, step):
@@ -70,6 +86,10 @@ def train(transport, strategy="diloco", steps=6, knobs=None, hooks=None, start_a
 
 
 def main(cfg):
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (debugging hangs)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s peer {os.getpid()} %(name)s: %(message)s")
     from lowcomm.comm.zmq import CurveConfig, connect_zmq
 
@@ -99,6 +119,11 @@ def main(cfg):
         os.replace(cfg["out"] + ".tmp", cfg["out"])
     finally:
         t.close()
+    # Skip interpreter finalisation: a NoLoCo peer was seen to hang in the garbage collector at exit
+    # (after close(); under investigation), and the test only needs the result file.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
