@@ -60,7 +60,9 @@ class Peers:
         out = str(self.tmp / f"peer{i}.json")
         cfg = {"coordinator": coord, "out": out, "steps": 6, "transport": dict(TRANSPORT), **cfg}
         log = open(self.tmp / f"peer{i}.log", "w")
-        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        # Same environment as this process: OMP_NUM_THREADS alone changes float results (kernel choice),
+        # and the peers must do the arithmetic of the local reference computed here.
+        env = {**os.environ, "PYTHONPATH": ROOT}
         self.procs.append(subprocess.Popen([sys.executable, WORKER, json.dumps(cfg)], stdout=log,
                                            stderr=subprocess.STDOUT, env=env))
         self.outs.append(out)

@@ -509,6 +509,9 @@ class ZmqTransport(P2PTransport):
     def _send(self, peer: int, tag: tuple, parts: list[torch.Tensor], rec: OpRecord) -> None:
         op, name = tag[0], tag[1]
         g = tag[2] if len(tag) > 2 else 0
+        # Codecs may return views of a scratch buffer that their next encode overwrites, while a
+        # copy=False send reads the memory later: send a private copy.
+        parts = [p.detach().clone() for p in parts]
         self._send_parts(self._dealer(peer), peer, op, name, g, parts, rec)
 
     def _wait(self, peer: int, key: tuple, ready, deadline: float) -> Any:
