@@ -119,18 +119,19 @@ def report(dirs: list[str], plot_path: str | None) -> str:
             rows += [json.loads(line) for line in f]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["steps"], r.get("warm_start", 0), r["spec"]), []).append(r)
-    ddp = {(r["steps"], r.get("warm_start", 0), r["seed"]): r for r in rows if r["spec"] == "ddp"}
-    out = ["| steps | warm start | run | seeds | held-out loss (mean) | vs ddp, same seed | bytes/worker | vs ddp | "
-           "time @10 Mbit/s | vs ddp | time @100 Mbit/s | 1B projection @100 Mbit/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (steps, warm, spec), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "ddp",
-                                                                          kv[0][2])):
+        r.setdefault("model", "calibration")
+        groups.setdefault((r["model"], r["steps"], r.get("warm_start", 0), r["spec"]), []).append(r)
+    ddp = {(r["model"], r["steps"], r.get("warm_start", 0), r["seed"]): r for r in rows if r["spec"] == "ddp"}
+    out = ["| model | steps | warm start | run | seeds | held-out loss (mean) | vs ddp, same seed | bytes/worker | "
+           "vs ddp | time @10 Mbit/s | vs ddp | time @100 Mbit/s | 1B projection @100 Mbit/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, steps, warm, spec), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                                 kv[0][3] != "ddp", kv[0][3])):
         seeds = sorted(r["seed"] for r in rs)
         loss = statistics.mean(r["final_eval_loss"] for r in rs)
-        rel = [100 * (r["final_eval_loss"] / ddp[(steps, warm, r["seed"])]["final_eval_loss"] - 1)
-               for r in rs if (steps, warm, r["seed"]) in ddp]
-        base = [ddp[(steps, warm, r["seed"])] for r in rs if (steps, warm, r["seed"]) in ddp]
+        rel = [100 * (r["final_eval_loss"] / ddp[(model, steps, warm, r["seed"])]["final_eval_loss"] - 1)
+               for r in rs if (model, steps, warm, r["seed"]) in ddp]
+        base = [ddp[(model, steps, warm, r["seed"])] for r in rs if (model, steps, warm, r["seed"]) in ddp]
         b = statistics.mean(r["bytes_sent"] for r in rs)
         t10 = statistics.mean(r["sim_seconds"]["10Mbit"] for r in rs)
         t100 = statistics.mean(r["sim_seconds"]["100Mbit"] for r in rs)
@@ -141,9 +142,9 @@ def report(dirs: list[str], plot_path: str | None) -> str:
             f"{statistics.mean(x['bytes_sent'] for x in base) / b:.0f}x fewer"
         tratio = "" if spec == "ddp" or not base else \
             f"{statistics.mean(x['sim_seconds']['10Mbit'] for x in base) / t10:.1f}x shorter"
-        out.append(f"| {steps} | {warm or ''} | {spec} | {','.join(map(str, seeds))} | {loss:.4f} | {rel_s} | "
-                   f"{format_bytes(b)} | {bratio} | {format_seconds(t10)} | {tratio} | {format_seconds(t100)} | "
-                   f"{format_seconds(statistics.mean(proj)) if proj else ''} |")
+        out.append(f"| {model} | {steps} | {warm or ''} | {spec} | {','.join(map(str, seeds))} | {loss:.4f} | "
+                   f"{rel_s} | {format_bytes(b)} | {bratio} | {format_seconds(t10)} | {tratio} | "
+                   f"{format_seconds(t100)} | {format_seconds(statistics.mean(proj)) if proj else ''} |")
     if plot_path:
         import matplotlib
 
@@ -151,11 +152,11 @@ def report(dirs: list[str], plot_path: str | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 5))
-        for (steps, warm, spec), rs in sorted(groups.items()):
+        for (model, steps, warm, spec), rs in sorted(groups.items()):
             r = min(rs, key=lambda x: x["seed"])
             pts = [p for p in r["curve"] if p["step"] > 0 and math.isfinite(p["eval_loss"])]
             ax.plot([p["step"] for p in pts], [p["eval_loss"] for p in pts],
-                    label=f"{spec} ({steps} steps{', warm' if warm else ''}, seed {r['seed']})")
+                    label=f"{spec} ({model}, {steps} steps{', warm' if warm else ''}, seed {r['seed']})")
         ax.set_xlabel("inner steps per worker")
         ax.set_ylabel("held-out loss (nats/byte)")
         ax.grid(True, alpha=0.3)

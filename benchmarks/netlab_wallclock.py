@@ -91,7 +91,7 @@ def predict(tls: list[dict], bandwidth: float) -> dict:
 def run_one(strategy: str, args, workdir: str) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     out = os.path.join(workdir, strategy)
-    with NetLab(args.peers, rate=args.rate) as lab:
+    with NetLab(args.peers, rate=args.rate, latency=args.tbf_latency) as lab:
         port = 5555
         coord_code = ("from lowcomm.comm.zmq import run_coordinator; "
                       f"run_coordinator('tcp://{lab.hub_addr}:{port}', min_peers={args.peers}, heartbeat=2.0, "
@@ -131,6 +131,8 @@ def run_one(strategy: str, args, workdir: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", default="2mbit", help="each link's rate, each direction (tc units)")
+    ap.add_argument("--tbf-latency", default="50ms",
+                    help="tbf's queue limit in time (not an added delay): longer queues drop fewer packets")
     ap.add_argument("--peers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--sync-every", type=int, default=20)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cleanup_stale()
     workdir = tempfile.mkdtemp(prefix="lowcomm-netlab-")
-    print(f"{args.peers} peers, links tbf {args.rate} each way, {args.steps} steps, H={args.sync_every}; "
+    print(f"{args.peers} peers, links tbf {args.rate} (latency {args.tbf_latency}) each way, {args.steps} steps, "
+          f"H={args.sync_every}; "
           f"logs in {workdir}", flush=True)
     print(f"{'strategy':10} {'measured s':>10} {'predicted s':>11} {'pred/meas':>9} {'MB sent':>8} "
           f"{'comm share':>10} {'util meas':>9} {'util pred':>9} {'syncs':>5} {'failed':>6}")
@@ -148,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_one(strategy, args, workdir)
         meas = max(r["measured"] for r in rows)  # the run ends when its last peer does
         pred = rows[0]["predicted"]
-        util = rows[0]["compute"] / meas
+        util = min(1.0, rows[0]["compute"] / meas)
         putil = rows[0]["pred_util"]
         mb = rows[0]["bytes"] / 1e6
-        print(f"{strategy:10} {meas:10.1f} {pred:11.1f} {pred / meas:9.2f} {mb:8.2f} {1 - util:10.0%} "
+        print(f"{strategy:10} {meas:10.1f} {pred:11.1f} {pred / meas:9.2f} {mb:8.2f} {max(0.0, 1 - util):10.0%} "
               f"{util:9.0%} {putil:9.0%} {rows[0]['syncs']:5d} {sum(r['failed'] for r in rows):6d}", flush=True)
     return 0
 

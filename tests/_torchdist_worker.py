@@ -216,6 +216,12 @@ def main(scenario, outdir):
         t1 = TorchDistTransport(1, timeout=60)
         o, m = scenario_four_members(t1)
         native_vs_p2p(t1, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
+        # member 2 sits a group_reduce out; the next collective still lines up
+        z = [torch.full((2,), float(t1.rank))]
+        if t1.rank != 2:
+            t1.group_reduce([0, 1, 3], z, op="sum").wait(60)  # 0 + 1 + 3 = 4
+        t1.all_reduce(z, op="sum").wait(60)  # 4 + 4 + 2 + 4 = 14
+        out["skip"] = z[0]
         out.update(o)
         meta["members4"] = m
         meta["ids"] = [t.rank, t.replica_id, t.replica_rank, t.num_replicas, t.world_size, t1.rank, t1.world_size]

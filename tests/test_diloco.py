@@ -322,3 +322,19 @@ def test_custom_strategy_subclass():
     out = run_local(3, worker)
     for p, n in out:
         assert n == 1 and torch.allclose(p, torch.full((2,), -2.0))
+
+
+def test_partial_group_reduce_keeps_everyone_in_step():
+    """A group_reduce among some members must not desynchronise the others' next collective."""
+
+    def worker(t):
+        x = torch.full((4,), float(t.rank))
+        if t.rank < 2:
+            t.group_reduce([0, 1], [x]).wait(10)
+        y = torch.full((5,), float(t.rank))
+        t.all_reduce([y]).wait(10)
+        return x, y
+
+    out = run_local(3, worker, timeout=10)
+    assert torch.equal(out[0][0], torch.full((4,), 0.5)) and torch.equal(out[2][0], torch.full((4,), 2.0))
+    assert all(torch.equal(y, torch.ones(5)) for _, y in out)

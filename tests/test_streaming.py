@@ -1,6 +1,7 @@
 """Streaming DiLoCo: equivalence with DiLoCo, golden schedule, bit-identical fragments, bytes, failures, state."""
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -22,13 +23,17 @@ class Block(nn.Module):
         return x + torch.tanh(self.lin(x))
 
 
+_INIT_LOCK = threading.Lock()  # run_local's workers are threads sharing torch's global RNG
+
+
 class Net(nn.Module):
     def __init__(self, layers=4, d=6, seed=0):
-        torch.manual_seed(seed)
         super().__init__()
-        self.inp = nn.Linear(5, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
-        self.out = nn.Linear(d, 3)
+        with _INIT_LOCK:
+            torch.manual_seed(seed)
+            self.inp = nn.Linear(5, d)
+            self.blocks = nn.ModuleList(Block(d) for _ in range(layers))
+            self.out = nn.Linear(d, 3)
 
     def forward(self, x):
         x = self.inp(x)

@@ -88,7 +88,8 @@ class P2PTransport(Transport):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.timeout = float(timeout)
         self.ledger = ByteLedger()
-        self._seq = 0
+        self._seq = 0  # operations this worker started (ledger op ids, fault injection)
+        self._op_counts: dict[tuple, int] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowcomm-comm")
 
     # ---- what a concrete transport provides -------------------------------------------
@@ -115,6 +116,13 @@ class P2PTransport(Transport):
         seq = self._seq
         self._seq += 1
         members = list(participants)
+        # Messages and votes are matched by (participants, n-th operation among them), not by
+        # this worker's own operation count: a group_reduce that leaves some members out must
+        # not put them out of step for the next collective.
+        group_key = tuple(members)
+        n = self._op_counts.get(group_key, 0)
+        self._op_counts[group_key] = n + 1
+        key = (group_key, n)
         rec = self.ledger.begin(kind, len(members), tag)
 
         def run() -> Any:
@@ -123,10 +131,10 @@ class P2PTransport(Transport):
             result = None
             self._on_op_start(seq)
             try:
-                result = body(seq, rec, members, deadline)
+                result = body(key, rec, members, deadline)
             except CommError as e:
                 err = e
-            ok, lost = self._commit((seq, "commit"), members, err is None, time.monotonic() + self.timeout)
+            ok, lost = self._commit((key, "commit"), members, err is None, time.monotonic() + self.timeout)
             rec.ok = ok
             if not ok:
                 if isinstance(err, PeerLost) and err.lost:

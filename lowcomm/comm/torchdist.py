@@ -22,10 +22,12 @@ everyone keeps ``decode(encode(result))``) run over gloo ``isend``/``irecv`` on 
 communication thread per transport, so (a) operations are issued in call order on every
 rank, (b) results are bit-identical to :class:`~lowcomm.comm.local.LocalTransport`'s, and
 (c) the byte ledger counts exactly the payload bytes this rank handed to gloo, per
-operation and per peer, as the local transport does (each message is preceded by a small
-int64 header giving the parts' dtypes and shapes; like the other transports' headers it is
-not counted). Tensors on a GPU are staged through host memory for these operations: the
-cross-replica sync is rare and bound by the slow links, not by PCIe.
+operation and per peer, as the local transport does (each message is preceded by a 256-byte
+int64 header giving the parts' dtypes and shapes, whose receives are posted ahead of time;
+like the other transports' headers it is not counted). Tensors on a GPU are staged through
+host memory for these operations: the cross-replica sync is rare and bound by the slow links,
+not by PCIe. Messages are matched by (peer, phase) tags, not by operation number, so members
+left out of a ``group_reduce`` stay in step for the next collective.
 
 ``hierarchical=True`` (issue 8): when every rank of a replica holds the same tensors (after
 DDP), rank ``r`` of a replica reduces only shard ``r`` of ``R`` across replicas and the
@@ -421,6 +423,9 @@ class TorchDistTransport(_GroupP2P):
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         owns = False
+        if backend is not None and dist.is_initialized() and dist.get_backend() != backend:
+            raise ValueError(f"the default process group is already initialised with {dist.get_backend()!r}, "
+                             f"not {backend!r}; pass backend=None to reuse it")
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:

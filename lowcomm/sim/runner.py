@@ -376,6 +376,10 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             sched.step()
             compute.append(fb + timer["t"])
             train_losses.append(loss.item())
+            if step == cfg.steps and getattr(opt, "flush", None) is not None:
+                # land a sync still in flight (Streaming DiLoCo's last fragment), so the final model
+                # has every sync and no collective is left unfinished when the workers stop
+                opt.flush()
             op_step.extend([step] * (transport.ledger.ops - len(op_step)))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 recent = train_losses[-cfg.eval_every:]
