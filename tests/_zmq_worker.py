@@ -68,6 +68,9 @@ def build(strategy, model, transport, knobs):
 
 def train(transport, strategy="diloco", steps=6, knobs=None, hooks=None, start_after=None):
     """Train ``steps`` inner steps; ``hooks[step]`` runs before that step (test orchestration)."""
+    # OpenMP's thread count is per thread: a worker thread of the local reference would otherwise use
+    # the default (all cores), and kernels split differently round floats differently.
+    torch.set_num_threads(1)
     knobs = dict(knobs or {})
     model = make_model(width=knobs.pop("width", 8))
     opt = build(strategy, model, transport, knobs)

@@ -35,8 +35,11 @@ the message and logs the sender. ``zmq.MAXMSGSIZE`` on every receiving socket st
 oversized frame inside libzmq before Python sees it.
 
 Control messages (peer <-> coordinator, and the small peer-to-peer ``abort`` / ``fetch`` /
-``snap`` messages) are one msgpack map frame whose fields are checked against
-:data:`CONTROL_SCHEMA` by :func:`decode_control`.
+``snap`` messages) are one msgpack map frame (key ``k`` names the kind) whose fields are
+checked against :data:`CONTROL_SCHEMA` by :func:`decode_control`. A peer's ROUTER tells them
+apart by frame count: one frame after the routing id is a control message, two a data message,
+anything else is dropped. Snapshot chunks (donor -> joiner) are data messages with tag
+``"snap"``, ``o`` = the snapshot id and ``pi`` = the tensor's index in the snapshot.
 """
 
 from __future__ import annotations
