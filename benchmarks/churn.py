@@ -49,6 +49,7 @@ class Peer:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.evals: list[tuple[float, int, float]] = []  # (seconds since start, step, held-out loss)
+        self.joined = False  # it printed its start line: it joined the run (fetched state) and trains
         self.lines: list[str] = []
         self.t0 = t0
         threading.Thread(target=self._read, daemon=True).start()
@@ -57,6 +58,8 @@ class Peer:
         pat = re.compile(r"step (\d+): held-out loss ([0-9.]+)")
         for line in self.proc.stdout:
             self.lines.append(line)
+            if " parameters, " in line:
+                self.joined = True
             m = pat.search(line)
             if m:
                 self.evals.append((time.monotonic() - self.t0, int(m.group(1)), float(m.group(2))))
@@ -114,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             if next_kill is None and committed:  # start the churn once the run is under way
                 next_kill = now + args.kill_every * rng.uniform(0.5, 1.5)
             if next_kill is not None and now >= next_kill:
-                live = [p for p in peers if p.alive()]
-                if len(live) > 1:
+                # Kill only peers that joined and train (a peer still starting up is no churn of the run),
+                # and leave at least two of them.
+                live = [p for p in peers if p.alive() and p.joined]
+                if len(live) > 2:
                     victim = rng.choice(live)
                     sig = rng.choice(["KILL", "TERM"])
                     victim.proc.send_signal(getattr(signal, "SIG" + sig))
@@ -133,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         for p in peers:
             if p.alive():
                 p.proc.send_signal(signal.SIGTERM)
+        # A peer still joining (fetching a snapshot) only checks the stop flag once it trains: give
+        # every peer 30 s in all to leave cleanly, then end the rest.
+        stop_by = time.monotonic() + 30
         for p in peers:
             try:
-                p.proc.wait(timeout=60)
+                p.proc.wait(timeout=max(0.1, stop_by - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.proc.kill()
                 p.proc.wait(timeout=10)
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  held-out loss, median per quarter of the run: " + ", ".join(f"{m:.3f}" for m in meds))
         falling = all(b < a for a, b in zip(meds, meds[1:]) if a == a and b == b)
         print(f"  held-out loss keeps falling: {'yes' if falling else 'NO'}")
+    joined = sum(1 for p in peers if p.joined)
+    print(f"  peer processes that joined and trained: {joined} of {launched}")
     print(f"  peer logs under {workdir}")
     return 0 if not disagree else 1
 

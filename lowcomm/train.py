@@ -470,6 +470,8 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         t0 = time.monotonic()
         t_fb = t0 - t_step
         opt.step()
+        if step + 1 == cfg.steps and getattr(opt, "flush", None) is not None:
+            opt.flush()  # land a sync still in flight (Streaming DiLoCo) before the final eval and exit
         opt.zero_grad(set_to_none=True)
         t_opt = time.monotonic() - t0
         synced = hasattr(opt, "sync_log") and len(opt.sync_log) != n_log
