@@ -152,10 +152,12 @@ def report(dirs: list[str], plot_path: str | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 5))
-        for (model, steps, warm, spec), rs in sorted(groups.items()):
+        for i, ((model, steps, warm, spec), rs) in enumerate(sorted(groups.items())):
             r = min(rs, key=lambda x: x["seed"])
             pts = [p for p in r["curve"] if p["step"] > 0 and math.isfinite(p["eval_loss"])]
-            ax.plot([p["step"] for p in pts], [p["eval_loss"] for p in pts],
+            # distinct colours; dashed: warm start, dotted: the calibration model
+            style = ":" if model == "calibration" else ("--" if warm else "-")
+            ax.plot([p["step"] for p in pts], [p["eval_loss"] for p in pts], style, color=plt.cm.tab20(i % 20),
                     label=f"{spec} ({model}, {steps} steps{', warm' if warm else ''}, seed {r['seed']})")
         ax.set_xlabel("inner steps per worker")
         ax.set_ylabel("held-out loss (nats/byte)")
