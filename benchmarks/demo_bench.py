@@ -129,33 +129,54 @@ def main() -> None:
     ap.add_argument("--seeds", type=ints, default=[0, 1])
     ap.add_argument("--lrs", type=floats, default=[2e-3, 3e-3, 5e-3], help="DeMo lrs tried on the first seed")
     ap.add_argument("--ks", type=ints, default=[4, 8, 32])
+    ap.add_argument("--k-seeds", type=ints, default=None, help="seeds for the k other than 32 (default: --seeds)")
     ap.add_argument("--decay", type=float, default=0.999, help="DeMo's momentum decay (paper 0.999)")
     ap.add_argument("--extra", action="append", default=[], metavar="K=V,...",
                     help="an extra DeMo configuration at the tuned lr on every seed, e.g. inner=adamw,sign=0")
     ap.add_argument("--out", default="runs/demo_bench")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    # Every finished run is appended to OUT/runs.jsonl; a rerun with the same settings reuses it.
+    log_path = os.path.join(a.out, "runs.jsonl")
+    done: list[dict] = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            done = [json.loads(line) for line in f if line.strip()]
     runs: list[dict] = []
+
+    def run(name: str, seed: int, ov: dict) -> dict:
+        for r in done:
+            if (r["strategy"], r["seed"], r["overrides"], r.get("steps", a.steps)) == (name, seed, ov, a.steps):
+                print(f"  {name} {ov} seed {seed}: held-out {r['loss']:.4f} (from {log_path})", flush=True)
+                runs.append(r)
+                return r
+        r = {**sim(name, a.steps, seed, a.workers, ov), "steps": a.steps}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        runs.append(r)
+        return r
+
     print("ddp (AdamW data parallel):", flush=True)
     for seed in a.seeds:
-        runs.append(sim("ddp", a.steps, seed, a.workers, {}))
+        run("ddp", seed, {})
     print("DeMo lr sweep, k=32, seed", a.seeds[0], flush=True)
-    sweep = [sim("demo", a.steps, a.seeds[0], a.workers, {"lr": lr, "topk": 32, "decay": a.decay}) for lr in a.lrs]
-    runs += sweep
+    sweep = [run("demo", a.seeds[0], {"lr": lr, "topk": 32, "decay": a.decay}) for lr in a.lrs]
     best = min(sweep, key=lambda r: r["loss"])["overrides"]["lr"]
     print(f"tuned lr {best:g}", flush=True)
-    for k in a.ks:
-        for seed in a.seeds:
-            if k == 32 and seed == a.seeds[0]:
-                continue  # already run in the sweep
-            runs.append(sim("demo", a.steps, seed, a.workers, {"lr": best, "topk": k, "decay": a.decay}))
+    # k=32 on every seed first (the headline comparison), then the other k on --k-seeds.
+    for seed in a.seeds[1:]:
+        run("demo", seed, {"lr": best, "topk": 32, "decay": a.decay})
+    for seed in (a.k_seeds if a.k_seeds is not None else a.seeds):
+        for k in a.ks:
+            if k != 32:
+                run("demo", seed, {"lr": best, "topk": k, "decay": a.decay})
     for spec in a.extra:
         ov: dict = {"lr": best, "decay": a.decay}
         for kv in spec.split(","):
             key, v = kv.split("=")
             ov[key] = v if key in ("inner", "values") else (float(v) if "." in v or "e" in v else int(v))
         for seed in a.seeds:
-            runs.append(sim("demo", a.steps, seed, a.workers, ov))
+            run("demo", seed, ov)
     print("compute overhead:", flush=True)
     ovh = overhead(a.workers, sorted(set(a.ks)), best)
 
@@ -165,7 +186,7 @@ def main() -> None:
     rows = [("ddp (AdamW)", "-", "-", [r["loss"] for r in ddp], ddp_bytes)]
     configs: dict[str, list[dict]] = {}
     for r in runs:
-        if r["strategy"] == "demo" and not (r in sweep and r["overrides"]["lr"] != best):
+        if r["strategy"] == "demo" and r["overrides"]["lr"] == best:
             configs.setdefault(json.dumps(r["overrides"], sort_keys=True), []).append(r)
     for key, rs in configs.items():
         ov = json.loads(key)

@@ -241,6 +241,11 @@ class Transport(abc.ABC):
     def close(self) -> None:  # noqa: B027
         """Release sockets, threads and process groups."""
 
+    def on_sync_applied(self, optimizer: Any) -> None:  # noqa: B027
+        """Called by an outer optimizer after a committed sync has been applied (global parameters,
+        outer state and counters updated). The ZeroMQ transport snapshots the state for joining
+        peers here; other transports ignore it."""
+
 
 _REQUIRED = ("rank", "world_size", "members", "epoch", "all_reduce", "all_gather", "group_reduce",
              "broadcast", "refresh", "ledger")

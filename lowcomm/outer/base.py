@@ -289,6 +289,9 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_count += 1
         self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], True))
+        notify = getattr(self.transport, "on_sync_applied", None)
+        if notify is not None:  # lets a transport snapshot committed state (joining peers)
+            notify(self)
         return True
 
     def handle_failure(self, pending: PendingSync, err: CommError,
