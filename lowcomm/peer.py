@@ -38,7 +38,9 @@ def add_arguments(ap) -> None:
     """Arguments of ``lowcomm peer``."""
     ap.add_argument("--coordinator", required=True, help="the coordinator's endpoint, tcp://HOST:PORT")
     ap.add_argument("--recipe", required=True, help="path of a recipe file (e.g. recipes/tiny_diloco.py)")
-    ap.add_argument("--bind", default="tcp://0.0.0.0:*", help="where this peer listens (port * picks one)")
+    ap.add_argument("--bind", default=None,
+                    help="where this peer listens, e.g. tcp://0.0.0.0:7000 (default $LOWCOMM_BIND, else "
+                         "tcp://127.0.0.1 on a free port)")
     ap.add_argument("--announce", default=None,
                     help="address others dial to reach this peer (default: the bound address; set it behind "
                          "port forwarding or when binding 0.0.0.0)")
@@ -49,9 +51,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
 
 
-def _announce_for(bind: str, announce: str | None) -> str | None:
+def _announce_for(bind: str | None, announce: str | None) -> str | None:
+    announce = announce or os.environ.get("LOWCOMM_ANNOUNCE")
     if announce:
         return announce
+    bind = bind or os.environ.get("LOWCOMM_BIND") or ""
     if "0.0.0.0" in bind:
         raise ValueError("--bind listens on every interface (0.0.0.0); pass --announce tcp://HOST:PORT with an "
                          "address the other peers can reach, or bind a specific address")
@@ -85,7 +89,9 @@ def run_peer(args: Any, stop: threading.Event | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
     bind = args.bind
     announce = _announce_for(bind, args.announce)
-    kw: dict[str, Any] = {"bind": bind, "progress_timeout": args.progress_timeout}
+    kw: dict[str, Any] = {"progress_timeout": args.progress_timeout}
+    if bind:
+        kw["bind"] = bind
     if announce:
         kw["announce"] = announce
     transport = connect_zmq(args.coordinator, **kw)

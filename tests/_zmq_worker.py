@@ -122,8 +122,8 @@ def main(cfg):
         os.replace(cfg["out"] + ".tmp", cfg["out"])
     finally:
         t.close()
-    # Skip interpreter finalisation: a NoLoCo peer was seen to hang in the garbage collector at exit
-    # (after close(); under investigation), and the test only needs the result file.
+    # Skip interpreter finalisation: once, NoLoCo peers were seen to hang in the garbage collector at
+    # exit, after close() (not reproduced since); the test only needs the result file.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

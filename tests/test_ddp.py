@@ -40,8 +40,12 @@ def ddp_bytes(P, W, elem=4):
 def test_ddp_equals_sgd_on_mean_gradient_bitwise():
     W, steps, lr = 4, 12, 0.05
 
+    # Different inits (the initial broadcast makes them rank 0's), built here: torch's default
+    # generator is process-wide, so seeding inside the worker threads would race.
+    models = [make_model(seed=r) for r in range(W)]
+
     def worker(t):
-        m = make_model(seed=t.rank)  # different inits: the initial broadcast makes them rank 0's
+        m = models[t.rank]
         opt = DDP(torch.optim.SGD(m.parameters(), lr=lr), transport=t)
         for step in range(steps):
             opt.zero_grad()
@@ -98,8 +102,10 @@ def test_ddp_world_of_one_is_plain_adamw():
 def test_ddp_failed_allreduce_skips_step_and_goes_on():
     W = 3
 
+    models = [make_model() for _ in range(W)]
+
     def worker(t):
-        m = make_model()
+        m = models[t.rank]
         opt = DDP(torch.optim.SGD(m.parameters(), lr=0.1), transport=t, timeout=20)
         for step in range(4):
             opt.zero_grad()

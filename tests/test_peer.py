@@ -32,7 +32,7 @@ class _Peer:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
         self.out = out
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lowcomm.peer", "--coordinator", coordinator, "--recipe", recipe,
+            [sys.executable, "-m", "lowcomm.cli", "peer", "--coordinator", coordinator, "--recipe", recipe,
              "--bind", "tcp://127.0.0.1:*", "--out", out, "--progress-timeout", "20"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []

@@ -198,3 +198,18 @@ def test_bad_arguments():
         ZmqTransport("tcp://127.0.0.1:1", chunk_bytes=10)
     with pytest.raises(ValueError, match="min_peers"):
         Coordinator("tcp://127.0.0.1:*", min_peers=0)
+
+
+def test_connect_picks_zmq_from_the_environment(monkeypatch):
+    import lowcomm
+
+    with coordinator(min_peers=1) as c:
+        monkeypatch.setenv("LOWCOMM_COORDINATOR", c.endpoint)
+        monkeypatch.setenv("LOWCOMM_BIND", "tcp://127.0.0.1:*")
+        t = lowcomm.connect(heartbeat=0.2)
+        try:
+            assert isinstance(t, ZmqTransport) and t.members() == [t.rank]
+            x = torch.arange(4.0)
+            assert torch.equal(t.all_reduce([x]).wait(20)[0], torch.arange(4.0))
+        finally:
+            t.close()

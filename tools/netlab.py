@@ -30,7 +30,7 @@ Usage as a library::
 From the shell (root needed)::
 
     python3 tools/netlab.py run --nodes 4 --rate 100mbit \\
-        --hub-cmd 'python3 -m lowcomm.cli coordinator --bind tcp://{hub}:5555' \\
+        --hub-cmd 'python3 -m lowcomm.cli coordinator --bind tcp://{hub}:5555 --min-peers 4' \\
         --cmd 'python3 -m lowcomm.cli peer --coordinator tcp://{hub}:5555 --recipe R --bind tcp://{addr}:6000'
     python3 tools/netlab.py cleanup        # remove labs left by killed processes
 """
