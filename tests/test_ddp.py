@@ -1,5 +1,7 @@
 """ddp: equals plain SGD on the mean gradient; bytes equal the all-reduce's closed form."""
 
+import threading
+
 import pytest
 import torch
 
@@ -9,10 +11,14 @@ from lowcomm.comm.p2p import shard_bounds
 from lowcomm.outer.ddp import DDP
 from lowcomm.outer.registry import get_strategy
 
+_RNG_LOCK = threading.Lock()
+
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    # run_local's workers are threads sharing torch's global RNG: seed and draw atomically.
+    with _RNG_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
 def batch(rank, step):

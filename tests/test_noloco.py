@@ -14,9 +14,14 @@ from lowcomm.outer.noloco import noloco_groups
 P_SHAPE = (3,)
 
 
+_RNG_LOCK = threading.Lock()
+
+
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    # run_local's workers are threads sharing torch's global RNG: seed and draw atomically.
+    with _RNG_LOCK:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
 def batch(rank, step):

@@ -126,3 +126,19 @@ def test_cli_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lowcomm", "sim", "--strategies", "nope", "--out", str(out)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "unknown strategy" in bad.stderr
+
+
+def test_configured_step_seconds_replace_measured_compute():
+    W, steps = 2, 4
+    cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=4, eval_sequences=2,
+                    threads=1, bandwidths=(1e6,), latency=0.01, warmup=1, step_seconds=0.5)
+    r = run_strategy("diloco", cfg, {"sync_every": 2})
+    assert r.compute_seconds == pytest.approx(steps * 0.5)
+    net = Network(1e6, 0.01)
+    P = r.params
+    per_sync = allreduce_bytes(P, W)
+    expect = (steps * 0.5 + net.seconds("broadcast", W, (W - 1) * P * 4)
+              + 2 * net.seconds("all_reduce", W, max(per_sync)))
+    assert r.sim_seconds["1Mbit"] == pytest.approx(expect, rel=1e-12)
+    with pytest.raises(ValueError, match="step_seconds"):
+        SimConfig(step_seconds=0)

@@ -54,7 +54,10 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
                      f"{100 * r.utilisation[util_bw]:.0f}%"])
     out = [_grid(header, rows),
            f"({runs[0].workers} workers x {runs[0].steps} steps, {runs[0].params:,}-parameter GPT; loss in nats per "
-           f"token; time = simulated wall-clock with measured compute and {cfg.latency * 1e3:g} ms latency per round)"]
+           f"token; time = simulated wall-clock with "
+           + ("measured compute" if getattr(cfg, "step_seconds", None) is None
+              else f"{cfg.step_seconds:g} s compute per step")
+           + f" and {cfg.latency * 1e3:g} ms latency per round)"]
     if any(r.projection for r in runs):
         pj = next(r.projection for r in runs if r.projection)
         header = ["strategy (PROJECTION)", "bytes/worker", "peak sync", *[f"time@{b}" for b in bws],

@@ -106,6 +106,10 @@ class SimConfig:
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS  # bits/s to simulate
     latency: float = 0.01  # seconds per communication round (wide-area)
     projection: Projection | None = None
+    # Configured compute per inner step (a device speed), used by the clock instead of the
+    # measured times, so runs on a busy machine or on different machines compare fairly.
+    # None: measured. A strategy's own extra compute (DeMo's transforms) is then not charged.
+    step_seconds: float | None = None
     init_state: str | None = None  # safetensors file of model weights to start from (warm start)
     save_state: str | None = None  # write the final averaged model here (safetensors)
     timeout: float = 600.0  # seconds any collective or barrier may wait
@@ -119,6 +123,8 @@ class SimConfig:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.step_seconds is not None and not self.step_seconds > 0:
+            raise ValueError(f"step_seconds must be > 0 seconds (or None to measure), got {self.step_seconds!r}")
         if not self.bandwidths:
             raise ValueError("give at least one bandwidth to simulate")
         for b in self.bandwidths:
@@ -295,7 +301,8 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                     writer.add_scalar(f"{name}/bytes_per_worker", point["bytes"], step)
                     writer.add_scalar(f"{name}/spread", point["spread"], step)
                 if progress is not None:
-                    progress(f"[{name}] step {step}/{cfg.steps}  held-out {loss:.3f}  train {train_loss:.3f}  "
+                    shown = "-" if math.isnan(train_loss) else f"{train_loss:.3f}"  # no training loss before step 1
+                    progress(f"[{name}] step {step}/{cfg.steps}  held-out {loss:.3f}  train {shown}  "
                              f"bytes/worker {point['bytes'] / 1e6:.1f} MB  ({point['elapsed']:.0f} s)")
                 if final:
                     shared.final["eval_loss"] = loss
@@ -444,6 +451,8 @@ def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, r
     # Identical devices: a step's compute is the mean of the W measured times (the spread
     # between workers is measurement noise on a shared machine, not stragglers).
     compute = [sum(r["compute"][k] for r in results) / W for k in range(steps)]
+    if cfg.step_seconds is not None:
+        compute = [float(cfg.step_seconds)] * steps
     sim_seconds, util = {}, {}
     for b in cfg.bandwidths:
         net = Network(float(b), cfg.latency)
