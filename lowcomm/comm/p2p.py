@@ -80,6 +80,16 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor], idxs: S
             off += n
 
 
+def _write_back(flats: list[tuple[torch.Tensor, Sequence[int]]], tensors: Sequence[torch.Tensor]):
+    """A closure that writes each reduced flat buffer into the caller's tensors (run after the commit)."""
+
+    def finish() -> Sequence[torch.Tensor]:
+        for flat, idxs in flats:
+            _unflatten_into(flat, tensors, idxs)
+        return tensors
+    return finish
+
+
 class P2PTransport(Transport):
     """Implements the protocol's operations on top of ``_send``, ``_recv`` and ``_commit``."""
 
@@ -173,11 +183,7 @@ class P2PTransport(Transport):
                     self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
                     flats.append((flat, idxs))
 
-                def finish():
-                    for flat, idxs in flats:
-                        _unflatten_into(flat, tensors, idxs)
-                    return tensors
-                return finish
+                return _write_back(flats, tensors)
             flat = _flatten(tensors, range(len(tensors)), torch.float32)
             self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
 
@@ -297,11 +303,7 @@ class P2PTransport(Transport):
                     acc.div_(len(group))
                 flats.append((acc.to(dtype), idxs))
 
-            def finish():
-                for flat, idxs in flats:
-                    _unflatten_into(flat, tensors, idxs)
-                return tensors
-            return finish
+            return _write_back(flats, tensors)
 
         return self._start("group_reduce", group, body)
 
@@ -327,11 +329,7 @@ class P2PTransport(Transport):
                     raise CommError(f"broadcast from {src}: payload does not match the local tensors")
                 flats.append((flat, idxs))
 
-            def finish():
-                for flat, idxs in flats:
-                    _unflatten_into(flat, tensors, idxs)
-                return tensors
-            return finish
+            return _write_back(flats, tensors)
 
         return self._start("broadcast", members, body)
 

@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, CommTimeout, Handle, OpRecord, PeerLost
-from .p2p import P2PTransport, _check_op, _dtype_groups, _flatten, _unflatten_into, shard_bounds
+from .p2p import P2PTransport, _check_op, _dtype_groups, _flatten, _write_back, shard_bounds
 
 __all__ = ["TorchDistTransport", "TransportFailed"]
 
@@ -565,11 +565,7 @@ class TorchDistTransport(_GroupP2P):
                     flat.div_(w)
                 flats.append((flat.to(dtype), idxs))
 
-            def finish():
-                for flat, idxs in flats:
-                    _unflatten_into(flat, tensors, idxs)
-                return tensors
-            return finish
+            return _write_back(flats, tensors)
 
         return self._start("all_reduce", members, body, tag="native")
 
@@ -623,11 +619,7 @@ class TorchDistTransport(_GroupP2P):
                 flat[s:e].copy_(shard)
                 flats.append((flat, idxs))
 
-            def finish():
-                for flat, idxs in flats:
-                    _unflatten_into(flat, tensors, idxs)
-                return tensors
-            return finish
+            return _write_back(flats, tensors)
 
         return self._start("all_reduce", members, body, tag="hierarchical")
 

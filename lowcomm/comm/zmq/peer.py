@@ -54,7 +54,7 @@ import torch
 import zmq
 
 from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
-from ..p2p import P2PTransport, _check_op, _dtype_groups, _unflatten_into, shard_bounds
+from ..p2p import P2PTransport, _check_op, _dtype_groups, _write_back, shard_bounds
 from .security import CurveConfig
 from .state import flatten_state, global_state_hash, snapshot_hash, unflatten_state
 from .wire import (
@@ -601,11 +601,7 @@ class ZmqTransport(P2PTransport):
                 self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
                 flats.append((flat, idxs))
 
-            def finish():
-                for flat, idxs in flats:
-                    _unflatten_into(flat, tensors, idxs)
-                return tensors
-            return finish
+            return _write_back(flats, tensors)
 
         return self._start("all_reduce", members, body)
 
