@@ -1,6 +1,5 @@
 """ddp: equals plain SGD on the mean gradient; bytes equal the all-reduce's closed form."""
 
-import threading
 
 import pytest
 import torch
@@ -10,24 +9,7 @@ from lowcomm.comm.local import Fault, run_local
 from lowcomm.comm.p2p import shard_bounds
 from lowcomm.outer.ddp import DDP
 from lowcomm.outer.registry import get_strategy
-
-_RNG_LOCK = threading.Lock()
-
-
-def make_model(seed=0):
-    # run_local's workers are threads sharing torch's global RNG: seed and draw atomically.
-    with _RNG_LOCK:
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
-def batch(rank, step):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
-
-
-def loss_of(model, x, y):
-    return ((model(x) - y) ** 2).mean()
+from tests._common import batch, loss_of, make_model
 
 
 def ddp_bytes(P, W, elem=4):

@@ -2,7 +2,6 @@
 
 import copy
 import logging
-import threading
 
 import pytest
 import torch
@@ -11,27 +10,17 @@ import lowcomm
 from lowcomm.comm.local import Fault, LocalTransport, LocalWorld, run_local
 from lowcomm.outer.base import OuterOptimizer
 from lowcomm.outer.diloco import sgd_outer
+from tests._common import batch, loss_of, make_model
 
 FEDAVG_SGD = sgd_outer(1.0, 0.0, False)
 
 
-_RNG_LOCK = threading.Lock()
 
 
-def make_model(seed=0, dtype=torch.float32):
-    # torch's global RNG is shared by the worker threads of run_local: seed and draw atomically.
-    with _RNG_LOCK:
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
 
 
-def batch(rank, step, dtype=torch.float32):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(5, 6, generator=g).to(dtype), torch.randn(5, 3, generator=g).to(dtype)
 
 
-def loss_of(model, x, y):
-    return ((model(x) - y) ** 2).mean()
 
 
 def world_of_one():

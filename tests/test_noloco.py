@@ -10,27 +10,17 @@ import torch
 import lowcomm
 from lowcomm.comm.local import Fault, LocalTransport, LocalWorld, run_local
 from lowcomm.outer.noloco import noloco_groups
+from tests._common import batch, loss_of, make_model
 
 P_SHAPE = (3,)
 
 
-_RNG_LOCK = threading.Lock()
 
 
-def make_model(seed=0):
-    # run_local's workers are threads sharing torch's global RNG: seed and draw atomically.
-    with _RNG_LOCK:
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def batch(rank, step):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g)
 
 
-def loss_of(model, x, y):
-    return ((model(x) - y) ** 2).mean()
 
 
 def flat(params):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from dataclasses import dataclass, field
@@ -261,8 +261,3 @@ def check_transport(obj: Any) -> Transport:
             f"or a subclass of lowcomm.comm.base.Transport"
         )
     return obj
-
-
-def run_async(executor: Any, fn: Callable[[], Any], record: OpRecord | None, timeout: float) -> Handle:
-    """Submit ``fn`` to ``executor`` and wrap its future in a :class:`Handle`."""
-    return Handle(executor.submit(fn), record, timeout)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, OpRecord, PeerLost
+from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, OpRecord, PeerLost, tensor_nbytes
 from .p2p import P2PTransport
 
 __all__ = ["Fault", "LocalTransport", "LocalWorld", "WorkerKilled", "run_local"]
@@ -170,7 +170,7 @@ class LocalTransport(P2PTransport):
     def _send(self, peer: int, tag: tuple, parts: list[torch.Tensor], rec: OpRecord) -> None:
         self._maybe_fail()
         copies = [p.detach().clone() for p in parts]
-        self.ledger.add(rec, peer, sum(p.numel() * p.element_size() for p in copies))
+        self.ledger.add(rec, peer, tensor_nbytes(copies))
         self.world.put(self.rank, peer, tag, copies)
         self._sent_in_op += 1
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..comm.p2p import shard_bounds
+
 __all__ = ["DEFAULT_CORPUS", "BatchStream", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]
 
 log = logging.getLogger(__name__)
@@ -141,16 +143,6 @@ def load_corpus(path: str | os.PathLike | None = None, vocab_size: int | None = 
     return arr
 
 
-def _bounds(n: int, w: int) -> list[tuple[int, int]]:
-    base, extra = divmod(n, w)
-    out, start = [], 0
-    for j in range(w):
-        size = base + (1 if j < extra else 0)
-        out.append((start, start + size))
-        start += size
-    return out
-
-
 class Corpus:
     """A token array split into a training part and a held-out part.
 
@@ -193,7 +185,7 @@ class Corpus:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-        lo, hi = _bounds(len(self.train_tokens), world_size)[rank]
+        lo, hi = shard_bounds(len(self.train_tokens), world_size)[rank]
         if hi - lo < self.seq_len + 1:
             raise ValueError(f"shard {rank} of {world_size} has {hi - lo} tokens, fewer than one sequence of "
                              f"{self.seq_len}+1; use fewer workers, a shorter context or a bigger corpus")

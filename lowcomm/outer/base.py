@@ -23,6 +23,7 @@ A new strategy subclasses :class:`OuterOptimizer` and implements :meth:`after_in
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,8 +178,6 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.timeout = timeout
         # param_groups / state / defaults are properties that forward to the inner optimizer,
         # so schedulers and hooks act on the inner groups even after inner.load_state_dict.
-        from collections import OrderedDict
-
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
