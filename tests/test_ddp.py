@@ -3,13 +3,13 @@
 
 import pytest
 import torch
+from _common import batch, loss_of, make_model
 
 import lowcomm
 from lowcomm.comm.local import Fault, run_local
 from lowcomm.comm.p2p import shard_bounds
 from lowcomm.outer.ddp import DDP
 from lowcomm.outer.registry import get_strategy
-from tests._common import batch, loss_of, make_model
 
 
 def ddp_bytes(P, W, elem=4):

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
+from _common import batch, loss_of, make_model
 
 import lowcomm
 from lowcomm.comm.local import Fault, LocalTransport, LocalWorld, run_local
 from lowcomm.outer.base import OuterOptimizer
 from lowcomm.outer.diloco import sgd_outer
-from tests._common import batch, loss_of, make_model
 
 FEDAVG_SGD = sgd_outer(1.0, 0.0, False)
 

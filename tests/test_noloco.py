@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from _common import batch, loss_of, make_model
 
 import lowcomm
 from lowcomm.comm.local import Fault, LocalTransport, LocalWorld, run_local
 from lowcomm.outer.noloco import noloco_groups
-from tests._common import batch, loss_of, make_model
 
 P_SHAPE = (3,)
 
