@@ -469,8 +469,10 @@ class ZmqTransport(P2PTransport):
         if f.get("op") is not None and self._cur_seq == f["op"] and self._sent_in_op >= f.get("after_messages", 0):
             if f.get("ledger_file"):
                 recs = [r.__dict__ for r in self.ledger.records]
-                with open(f["ledger_file"], "w") as fh:
+                # atomic: whoever waits for this file must never read it half-written
+                with open(f["ledger_file"] + ".tmp", "w") as fh:
                     json.dump({"member": self._id, "records": recs}, fh, default=str)
+                os.replace(f["ledger_file"] + ".tmp", f["ledger_file"])
             sig = signal.SIGSTOP if f.get("signal") == "STOP" else signal.SIGKILL
             log.warning("fault injection: member %d sends itself %s in op %d after %d messages",
                         self._id, sig.name, self._cur_seq, self._sent_in_op)
