@@ -80,7 +80,7 @@ def train(transport, strategy="diloco", steps=6, knobs=None, hooks=None, start_a
     while opt.local_step < steps:
         step = opt.local_step
         if hooks and step in hooks:
-            hooks[step](transport, opt)
+            hooks.pop(step)(transport, opt)  # once: a peer that catches up may land on a step again
         x, y = batch(transport.rank, step)
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
@@ -104,12 +104,13 @@ def main(cfg):
         kw["curve"] = CurveConfig(**cfg["curve"])
     t = connect_zmq(cfg["coordinator"], **kw)
     hooks = {}
-    wait = cfg.get("wait_member")  # [step, id]: at that step wait until member `id` has joined the run
-    if wait:
-        hooks[wait[0]] = lambda tr, opt: tr.wait_members(lambda ids: wait[1] in ids, 60)
-    pause = cfg.get("pause")  # [step, seconds]
-    if pause:
-        hooks[pause[0]] = lambda tr, opt: time.sleep(pause[1])
+    # [step, id]: at that step wait until member `id` is an active member of the run
+    for step, mid in cfg.get("waits", []) + ([cfg["wait_member"]] if cfg.get("wait_member") else []):
+        hooks[step] = lambda tr, opt, mid=mid: tr.wait_members(lambda ids: mid in ids, 60)
+    # [step, seconds] or [step, seconds, member]: sleep before that step (only as that member)
+    for step, secs, *who in cfg.get("pauses", []) + ([cfg["pause"]] if cfg.get("pause") else []):
+        if not who or who[0] == t.rank:
+            hooks[step] = lambda tr, opt, secs=secs: time.sleep(secs)
     try:
         model, opt = train(t, cfg.get("strategy", "diloco"), cfg["steps"], cfg.get("knobs"), hooks)
         if cfg.get("strategy") == "noloco":

@@ -223,6 +223,29 @@ def test_donor_dies_mid_transfer_joiner_uses_another(peers):
         assert torch.equal(params_of(r), first)
 
 
+def test_slow_peer_misses_then_is_dropped_and_rejoins(peers):
+    """Member 2 is slow before two syncs: it misses the first (catches up from a snapshot), is
+    dropped as too slow at the second (max_misses=2), joins again, and all end bit-identical."""
+    W, steps = 3, 12
+    slow = [[3, 4.0, 2], [5, 4.0, 2]]  # member 2 sleeps 4 s before steps 4 and 6 (barrier deadline 1.5 s)
+    waits = [[4, 2], [6, 2]]  # the others wait for it to be back before steps 5 and 7
+    with coordinator(min_peers=W, barrier_timeout=1.5, max_misses=2) as c:
+        for _ in range(W):
+            peers.spawn(c.endpoint, steps=steps, pauses=slow, waits=waits)
+        res = peers.wait(range(W), timeout=150)
+        events = [(e["event"], e["member"], e["misses"]) for e in c.events if e["event"] != "left"]
+    assert events == [("missed", 2, 1), ("dropped", 2, 2)], c.events
+    by_member = {r["member"]: r for r in res}
+    assert sorted(by_member) == [0, 1, 2]
+    for r in res:
+        assert torch.equal(params_of(r), params_of(by_member[0]))
+        assert r["sync_count"] == steps // 2 and r["members"] == [0, 1, 2]
+    assert by_member[0]["failed_syncs"] == by_member[1]["failed_syncs"] == 0  # they went on without it
+    slow_log = peers.log(next(i for i in range(W) if res[i]["member"] == 2))
+    assert "missed: did not reach the start" in slow_log and "miss 1 of 2" in slow_log
+    assert "dropped: too slow: missed 2 sync(s) in a row" in slow_log
+
+
 def test_coordinator_restart_mid_run(peers, tmp_path):
     W, steps = 3, 8
     state = str(tmp_path / "coord.json")

@@ -16,8 +16,12 @@ frame (:mod:`lowcomm.comm.zmq.wire`). What it keeps:
 * **Sync-start barrier.** Before every collective, each member sends ``ready(op)``. When
   every active member expected at that op has, all get ``go(op, epoch, members)``: the
   member list of that operation. A member still missing ``barrier_timeout`` seconds after
-  the first arrival is dropped from the epoch and the others go on without it (that is how
-  a straggler misses a sync; it re-joins through a snapshot).
+  the first arrival *misses* the op: the others go on without it, and it is reported (log,
+  :attr:`Coordinator.events`, the status line). Its state is then stale, so it becomes
+  pending again and catches up through a snapshot, keeping its id; a member that takes part
+  in an op has its count of consecutive misses reset. At ``max_misses`` consecutive misses
+  the member is dropped from the run as too slow (also reported); it can re-join later like
+  any peer (``lowcomm peer`` does so by itself) and starts again from zero misses.
 * **Commit verdicts.** After an operation each participant sends ``done(op, group, ok)``.
   The verdict is *committed* only if every participant reported ok; it fails at once when
   one reports failure or is dropped. Every participant gets the same verdict, also when it
@@ -60,6 +64,7 @@ class _Member:
     last_seen: float
     active: bool
     activate_op: int = 0
+    misses: int = 0  # consecutive sync-start barriers this member missed
 
 
 @dataclass
@@ -82,11 +87,14 @@ class Coordinator:
     def __init__(self, bind: str, *, min_peers: int = 1, heartbeat: float = 2.0,
                  heartbeat_timeout: float | None = None, barrier_timeout: float = 600.0,
                  recovery: float | None = None, state_file: str | None = None,
-                 curve: CurveConfig | None = None, max_members: int = 4096):
+                 curve: CurveConfig | None = None, max_members: int = 4096, max_misses: int = 3):
         if not isinstance(bind, str) or "://" not in bind:
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://0.0.0.0:5555, got {bind!r}")
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
             raise ValueError(f"min_peers must be an integer >= 1, got {min_peers!r}")
+        if isinstance(max_misses, bool) or not isinstance(max_misses, int) or max_misses < 1:
+            raise ValueError(f"max_misses must be an integer >= 1 (1 drops a peer at its first missed sync), "
+                             f"got {max_misses!r}")
         for name, v in (("heartbeat", heartbeat), ("barrier_timeout", barrier_timeout)):
             if not v or v <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
@@ -97,6 +105,7 @@ class Coordinator:
         self.recovery = float(3 * heartbeat if recovery is None else recovery)
         self.state_file = state_file
         self.max_members = max_members
+        self.max_misses = max_misses
         stored_epoch, stored_next, stored_dropped = 0, 0, set()
         if state_file and os.path.exists(state_file):
             with open(state_file) as f:
@@ -114,6 +123,12 @@ class Coordinator:
         self.verdicts: dict[tuple, tuple[bool, list[int]]] = {}
         self.hashes: dict[int, dict[int, str]] = {}
         self.dropped_invalid = 0
+        # What happened to members, for operators and tests: dicts with "event" ("missed",
+        # "dropped" or "left"), "member", "op" (or None), "misses" and "reason"; the last 1024 kept.
+        self.events: list[dict] = []
+        self._why: dict[int, str] = {}  # member id -> its last event, told to it when it comes back late
+        self.ops_committed = 0
+        self.ops_failed = 0
         self._born = time.monotonic()
         self._stop = threading.Event()
         self.ctx = zmq.Context()
@@ -154,15 +169,39 @@ class Coordinator:
     def _in_recovery(self) -> bool:
         return time.monotonic() - self._born < self.recovery
 
-    def _drop(self, mid: int, why: str) -> None:
+    def _drop(self, mid: int, why: str, event: str = "dropped") -> None:
         m = self.members.pop(mid, None)
         if m is None:
             return
         self.dropped.add(mid)
         self._persist()
         log.warning("dropped member %d (%s)", mid, why)
+        self._event(event, mid, None, m.misses, why)
         if m.active:
             self._bump(f"member {mid} left ({why})")
+
+    def _event(self, kind: str, mid: int, op: int | None, misses: int, reason: str) -> None:
+        self.events.append({"event": kind, "member": mid, "op": op, "misses": misses, "reason": reason})
+        del self.events[:-1024]
+        self._why[mid] = f"{kind}: {reason}"
+        if len(self._why) > 4096:
+            self._why.pop(next(iter(self._why)))
+
+    def _miss(self, mid: int, op: int) -> None:
+        """Member ``mid`` did not reach op ``op``'s barrier in time: count it, and drop it at the limit."""
+        m = self.members[mid]
+        m.misses += 1
+        if m.misses >= self.max_misses:
+            self._drop(mid, f"too slow: missed {m.misses} sync(s) in a row, the last op {op} "
+                            f"(barrier deadline {self.barrier_timeout:g}s, max_misses {self.max_misses})")
+            return
+        reason = (f"did not reach the start of op {op} within the barrier deadline ({self.barrier_timeout:g}s): "
+                  f"miss {m.misses} of {self.max_misses} before it is dropped; it catches up from a snapshot")
+        log.warning("member %d missed op %d: %s", mid, op, reason)
+        self._event("missed", mid, op, m.misses, reason)
+        # Its state no longer matches the run's: pending until it has fetched a snapshot.
+        m.active = False
+        self._bump(f"member {mid} missed op {op}")
 
     def _send(self, rid: bytes, frame: bytes) -> None:
         try:
@@ -239,7 +278,7 @@ class Coordinator:
         self._send(rid, self._state(True))
 
     def _on_leave(self, rid: bytes, m: dict) -> None:
-        self._drop(m["id"], "left")
+        self._drop(m["id"], "left", event="left")
         self._send(rid, self._state(False))
 
     def _on_activate(self, rid: bytes, m: dict) -> None:
@@ -268,7 +307,8 @@ class Coordinator:
             if mid in ids:
                 self._send(rid, go)
             else:
-                self._send(rid, encode_control("drop", op=op, reason="the operation started without you"))
+                why = self._why.get(mid, "you were not an active member")
+                self._send(rid, encode_control("drop", op=op, reason=f"the run started op {op} without you: {why}"))
             return
         if mem is None or not mem.active:
             self._send(rid, encode_control("drop", op=op, reason="not an active member (dropped or not joined)"))
@@ -290,8 +330,10 @@ class Coordinator:
             if missing and now - b.first < self.barrier_timeout:
                 continue
             for mid in sorted(missing):
-                self._drop(mid, f"missed the start of op {op} (barrier deadline {self.barrier_timeout:g}s)")
+                self._miss(mid, op)
             ids = set(b.ready)
+            for mid in ids:
+                self.members[mid].misses = 0
             del self.barriers[op]
             if not ids:
                 continue
@@ -337,6 +379,10 @@ class Coordinator:
                                        and not gone else set()))
             self.verdicts[key] = (ok, lost)
             del self.votes[key]
+            if ok:
+                self.ops_committed += 1
+            else:
+                self.ops_failed += 1
             frame = encode_control("verdict", op=key[0], ok=ok, lost=lost)
             for rid in v.reply_to.values():
                 self._send(rid, frame)
@@ -354,6 +400,27 @@ class Coordinator:
         self._send(rid, encode_control("answer", sync=m["sync"], hash=next(iter(values)) if agreed else None,
                                        agreed=agreed))
 
+    # ---- what operators see -----------------------------------------------------------------------
+    def status(self) -> dict:
+        """Members and progress: what ``lowcomm coordinator`` prints every ``--status-every`` seconds."""
+        pending = sorted(m.id for m in self.members.values() if not m.active)
+        last_op = max([*self.released, -1])
+        return {"epoch": self.epoch, "started": self.started, "active": self.active_ids(), "pending": pending,
+                "misses": {m.id: m.misses for m in self.members.values() if m.misses},
+                "last_op": last_op if last_op >= 0 else None, "ops_committed": self.ops_committed,
+                "ops_failed": self.ops_failed, "last_sync_reported": max(self.hashes) if self.hashes else None,
+                "dropped_total": len(self.dropped), "invalid_messages": self.dropped_invalid}
+
+    def status_line(self) -> str:
+        s = self.status()
+        if not s["started"]:
+            return f"waiting for {self.min_peers} peer(s) to start the run; joined: {s['pending']}"
+        misses = ", ".join(f"{k}: {v}" for k, v in sorted(s["misses"].items())) or "none"
+        return (f"epoch {s['epoch']}: {len(s['active'])} active {s['active']}, pending {s['pending']}; "
+                f"last op {s['last_op']}, ops committed {s['ops_committed']}, failed {s['ops_failed']}; "
+                f"last sync with hashes {s['last_sync_reported']}; consecutive misses {{{misses}}} "
+                f"(dropped at {self.max_misses}); invalid messages {s['invalid_messages']}")
+
     # ---- loop -------------------------------------------------------------------------------------
     def _expire(self) -> None:
         now = time.monotonic()
@@ -370,9 +437,13 @@ class Coordinator:
             return
         getattr(self, "_on_" + m["k"])(rid, m)
 
-    def serve(self, duration: float | None = None) -> None:
-        """Answer peers until :meth:`stop` is called (or ``duration`` seconds pass)."""
+    def serve(self, duration: float | None = None, status_every: float | None = None) -> None:
+        """Answer peers until :meth:`stop` is called (or ``duration`` seconds pass).
+
+        With ``status_every``, print :meth:`status_line` that often (and when it changes).
+        """
         end = None if duration is None else time.monotonic() + duration
+        next_status, last_line = time.monotonic(), None
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         tick = min(0.2, self.heartbeat / 4)
@@ -393,6 +464,14 @@ class Coordinator:
                 self._expire()
                 self._check_barriers()
                 self._check_votes()
+                if status_every:
+                    now = time.monotonic()
+                    if now >= next_status:
+                        line = self.status_line()
+                        if line != last_line or now - next_status > 6 * status_every:
+                            print(time.strftime("%H:%M:%S ") + line, flush=True)
+                            last_line = line
+                        next_status = now + status_every
         finally:
             self.close()
 
@@ -407,12 +486,12 @@ class Coordinator:
         self.ctx.term()
 
 
-def run_coordinator(bind: str, **kwargs) -> None:
+def run_coordinator(bind: str, status_every: float | None = None, **kwargs) -> None:
     """Run a coordinator in this process until interrupted (what ``lowcomm coordinator`` does)."""
     c = Coordinator(bind, **kwargs)
     print(f"lowcomm coordinator listening on {c.endpoint} (epoch {c.epoch})", flush=True)
     try:
-        c.serve()
+        c.serve(status_every=status_every)
     except KeyboardInterrupt:
         pass
 
@@ -427,6 +506,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--barrier-timeout", type=float, default=600.0,
                     help="seconds the sync-start barrier waits for the slowest member before dropping it; "
                          "allow for the slowest expected compute between syncs")
+    ap.add_argument("--max-misses", type=int, default=3,
+                    help="consecutive missed syncs after which a slow peer is dropped (it may join again); "
+                         "below that a peer that missed a sync catches up from a snapshot")
+    ap.add_argument("--status-every", type=float, default=10.0,
+                    help="seconds between status lines (members and progress); 0 for none")
     ap.add_argument("--state", default=None, help="file keeping the epoch and ids across coordinator restarts")
     ap.add_argument("--curve-secret", default=None, help="the coordinator's .key_secret (from lowcomm keygen)")
     ap.add_argument("--curve-allow", default=None, help="directory of allowed peers' public .key files")
@@ -442,5 +526,6 @@ def main(args) -> int:
         curve = CurveConfig(args.curve_secret, args.curve_allow)
     run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
                     heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
-                    state_file=args.state, curve=curve)
+                    max_misses=args.max_misses, state_file=args.state, curve=curve,
+                    status_every=args.status_every or None)
     return 0

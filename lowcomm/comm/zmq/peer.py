@@ -345,10 +345,11 @@ class ZmqTransport(P2PTransport):
         ids = self._adopt(st["members"])
         if self._active and self._id not in ids:
             self._active = False
-            log.warning("member %d was dropped from the run", self._id)
+            log.warning("member %d is no longer an active member of the run (it missed a sync, or was dropped)",
+                        self._id)
             if self._model is None:
-                raise CommError(f"member {self._id} was dropped from the run; call transport.attach(model, "
-                                f"optimizer) so it can re-join from a snapshot")
+                raise CommError(f"member {self._id} missed a sync or was dropped from the run; call "
+                                f"transport.attach(model, optimizer) so it can catch up from a snapshot")
             self._rejoin()
             return
         if self._active:
