@@ -43,6 +43,20 @@ def test_two_namespaces_connect_shaped_and_cleaned_up():
     lab.down()  # idempotent
 
 
+def test_all_to_all_probe_and_link_efficiency():
+    per_pair = 200_000
+    with netlab.NetLab(3, rate="16mbit", burst="4kb", handle_signals=False) as lab:
+        secs = netlab.measure_all_to_all(lab, per_pair, repeats=2, phases=2)
+        assert len(secs) == 2
+        # Each uplink carries 2 phases x 2 peers x 200 kB at 2 MB/s: never faster than 0.4 s (load
+        # only slows it; the 4 kB bucket cannot carry a meaningful part of it).
+        assert min(secs) >= 0.95 * 2 * 2 * per_pair / 2e6
+        eff = netlab.link_efficiency(lab, per_pair, repeats=1)
+        assert 0 < eff <= 1.0
+    with pytest.raises(ValueError, match="unshaped"):
+        netlab.link_efficiency(netlab.NetLab(2, rate=None), 1)
+
+
 def test_failure_inside_the_lab_still_cleans_up():
     with pytest.raises(RuntimeError, match="boom"):
         with netlab.NetLab(1, rate=None, handle_signals=False) as lab:

@@ -42,6 +42,11 @@ def test_clock_hand_computed():
         simulate_clock([1.0], [CommEvent(2, 1, 0.1)])
     with pytest.raises(ValueError, match="bandwidth"):
         Network(0)
+    # A link whose payload gets 80% of its rate (headers, ACKs, shared TCP flows): 0.64 s -> 0.8 s.
+    assert Network(100e6, 0.01, 0.8).seconds("all_reduce", 4, 8_000_000) == pytest.approx(0.06 + 0.8, abs=1e-12)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="efficiency"):
+            Network(1e6, 0.0, bad)
 
 
 @pytest.mark.parametrize("strategy,syncs", [("ddp", 6), ("diloco", 2)])

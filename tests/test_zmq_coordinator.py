@@ -126,3 +126,11 @@ def test_bad_max_misses(coord):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_misses"):
             coord(max_misses=bad)
+
+
+def test_serve_prints_members_and_progress(capsys):
+    c = Coordinator("tcp://127.0.0.1:*", min_peers=2, heartbeat=0.2)
+    c.serve(duration=0.5, status_every=0.1)  # closes the sockets when done
+    out = capsys.readouterr().out
+    assert "waiting for 2 peer(s) to start the run" in out
+    assert out.count("waiting for") == 1  # printed again only when it changes (or once a minute)

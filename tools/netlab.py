@@ -52,7 +52,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-__all__ = ["NetLab", "available", "cleanup_stale", "lab_namespaces", "parse_rate"]
+__all__ = ["NetLab", "available", "cleanup_stale", "effective_rate", "lab_namespaces", "link_efficiency",
+           "measure_all_to_all", "measure_throughput", "parse_rate"]
 
 log = logging.getLogger("netlab")
 
@@ -325,6 +326,109 @@ def measure_throughput(lab: NetLab, nbytes: int, src: int = 0, dst: int = 1, por
     if int(got) != nbytes:
         raise RuntimeError(f"sent {nbytes} bytes but the receiver counted {got}")
     return nbytes / float(secs) / 1e6
+
+
+_A2A = """
+import socket, sys, threading, time
+me, addrs, n, port, phases = (int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4]),
+                              int(sys.argv[5]))
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addrs[me], port)); srv.listen(len(addrs)); srv.settimeout(120)
+got, failed, cv = [0], [], threading.Condition()
+def read(c):
+    c.settimeout(300)
+    while True:
+        b = c.recv(1 << 16)
+        if not b:
+            break
+        with cv:
+            got[0] += len(b); cv.notify_all()
+def accept():
+    for _ in range(len(addrs) - 1):
+        c, _ = srv.accept()
+        threading.Thread(target=read, args=(c,), daemon=True).start()
+threading.Thread(target=accept, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.readline()  # every node listens by now: connect (like a transport's standing connections)
+out = {j: socket.create_connection((addrs[j], port), timeout=120) for j in range(len(addrs)) if j != me}
+print("connected", flush=True)
+t0 = float(sys.stdin.readline())  # start together
+time.sleep(max(0.0, t0 - time.time()))
+def send(j):
+    try:
+        out[j].sendall(b"x" * n)
+    except OSError as e:
+        with cv:
+            failed.append(f"to node {j}: {e}"); cv.notify_all()
+for ph in range(1, phases + 1):  # a phase starts when this node has received all of the previous one
+    for j in out:
+        threading.Thread(target=send, args=(j,), daemon=True).start()
+    with cv:
+        if not cv.wait_for(lambda: failed or got[0] >= ph * n * (len(addrs) - 1), timeout=300) or failed:
+            sys.exit(f"all-to-all failed: {failed or 'timed out'}")
+print(time.time() - t0, flush=True)
+for s in out.values():
+    s.close()
+"""
+
+
+def measure_all_to_all(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phases: int = 1,
+                       port: int = 7100) -> list[float]:
+    """Every node sends ``per_pair_bytes`` over standing TCP connections to every other node at
+    once, ``phases`` times, a node starting a phase once it has received all of the previous one
+    (2 phases: the traffic of an all-reduce's reduce-scatter and all-gather); per repeat, the
+    seconds until the last node has received everything."""
+    if per_pair_bytes < 1 or repeats < 1 or phases < 1:
+        raise ValueError("per_pair_bytes, repeats and phases must be >= 1")
+    addrs = ",".join(lab.addrs)
+    out = []
+    for r in range(repeats):
+        procs = [lab.popen(i, [sys.executable, "-c", _A2A, str(i), addrs, str(per_pair_bytes), str(port + r),
+                               str(phases)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(lab.nodes)]
+        try:
+            for want in ("ready", "connected"):
+                for p in procs:
+                    if p.stdout.readline().strip() != want:
+                        raise RuntimeError(f"all-to-all probe did not start: {p.stderr.read()[-500:]}")
+                if want == "ready":
+                    for p in procs:
+                        p.stdin.write("go\n")
+                        p.stdin.flush()
+            t0 = time.time() + 0.2  # a common start: the namespaces share the host's clock
+            for p in procs:
+                p.stdin.write(f"{t0!r}\n")
+                p.stdin.flush()
+            times = []
+            for p in procs:
+                so, se = p.communicate(timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"all-to-all probe failed: {se.strip()[-500:]}")
+                times.append(float(so.split()[-1]))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(5)
+        out.append(max(times))
+    return out
+
+
+def effective_rate(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phases: int = 1) -> float:
+    """Payload bits/s each node's uplink delivers in :func:`measure_all_to_all` (headers, ACKs and
+    TCP flows sharing a link lower it; a token bucket's burst raises it for transfers that fit in
+    the bucket): phases x (N-1) x ``per_pair_bytes`` over the median time of the repeats."""
+    secs = sorted(measure_all_to_all(lab, per_pair_bytes, repeats, phases))[repeats // 2]
+    return 8.0 * phases * per_pair_bytes * (lab.nodes - 1) / secs
+
+
+def link_efficiency(lab: NetLab, per_pair_bytes: int, repeats: int = 3) -> float:
+    """:func:`effective_rate` as a share of the nominal rate, at most 1 (the simulator's
+    :class:`~lowcomm.sim.clock.Network` ``efficiency``)."""
+    if lab.rate_bits is None:
+        raise ValueError("the lab's links are unshaped: there is no nominal rate to compare with")
+    return min(1.0, effective_rate(lab, per_pair_bytes, repeats) / lab.rate_bits)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-seconds", type=float, default=None,
                    help="configured compute seconds per inner step for the clock (default: measured)")
     p.add_argument("--latency", type=float, default=0.01, help="seconds per communication round (default 0.01)")
+    p.add_argument("--link-efficiency", type=float, default=1.0,
+                   help="share of each bandwidth the payload gets (TCP/IP headers, ACKs, flows sharing a link); "
+                        "measure it for your network, e.g. with tools/netlab.py's all-to-all probe (default 1.0)")
     p.add_argument("--bandwidths", default=None,
                    help="comma-separated bits/s to simulate (default 10e6,100e6,1e9,10e9)")
     p.add_argument("--projection", nargs="?", const="", default=None, metavar="K=V,...",
@@ -149,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      warmup=args.warmup if args.warmup is not None else max(1, args.steps // 15),
                      seed=args.seed, data=args.data, vocab_size=args.vocab_size, eval_every=args.eval_every,
                      threads=args.threads, bandwidths=bws, latency=args.latency,
-                     step_seconds=args.step_seconds,
+                     link_efficiency=args.link_efficiency, step_seconds=args.step_seconds,
                      projection=_projection(args.projection))
 
 

@@ -4,10 +4,13 @@ Network model: every worker has one link of ``bandwidth`` bits per second (its u
 messages it sends in one operation go out one after another on it) and a ``latency`` per
 communication round. An operation of ``kind`` among ``n`` participants takes
 
-    rounds(kind, n) * latency + bytes / bandwidth
+    rounds(kind, n) * latency + bytes / (bandwidth * efficiency)
 
 where ``bytes`` is what the busiest participant put on the wire for it (read from the
-transports' byte ledgers, never computed from a formula) and the rounds follow the
+transports' byte ledgers, never computed from a formula), ``bandwidth`` is scaled by the
+link's ``efficiency`` (the share of the nominal rate a transport's payload really gets:
+TCP/IP headers, ACKs, TCP flows sharing a link; 1.0 by default, measured for a real network
+with e.g. :func:`tools.netlab.measure_all_to_all`), and the rounds follow the
 collective's shape: a ring all-reduce is a reduce-scatter and an all-gather, 2(n-1) rounds
 of S/n bytes each (so its per-worker bytes, 2(n-1)/n S, are the ledger's); an all-gather
 n-1 rounds; a pairwise or group exchange and a broadcast one round.
@@ -42,22 +45,27 @@ def rounds(kind: str, participants: int) -> int:
 
 @dataclass(frozen=True)
 class Network:
-    """A network: ``bandwidth`` bits/s per worker link and ``latency`` seconds per round."""
+    """A network: ``bandwidth`` bits/s per worker link, ``latency`` seconds per round, and the
+    share ``efficiency`` of the bandwidth that payload bytes get (see the module docstring)."""
 
     bandwidth: float
     latency: float = 0.0
+    efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.bandwidth > 0:
             raise ValueError(f"bandwidth must be > 0 bits/s (e.g. 100e6 for 100 Mbit/s), got {self.bandwidth!r}")
         if not self.latency >= 0:
             raise ValueError(f"latency must be >= 0 seconds, got {self.latency!r}")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1] (payload share of the link rate, e.g. 0.8), "
+                             f"got {self.efficiency!r}")
 
     def seconds(self, kind: str, participants: int, nbytes: int) -> float:
         """Time of one operation (see the module docstring)."""
         if participants <= 1:
             return 0.0
-        return rounds(kind, participants) * self.latency + 8.0 * nbytes / self.bandwidth
+        return rounds(kind, participants) * self.latency + 8.0 * nbytes / (self.bandwidth * self.efficiency)
 
 
 @dataclass(frozen=True)

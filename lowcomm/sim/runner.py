@@ -105,6 +105,7 @@ class SimConfig:
     threads: int = 2  # torch threads for compute
     bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS  # bits/s to simulate
     latency: float = 0.01  # seconds per communication round (wide-area)
+    link_efficiency: float = 1.0  # share of each bandwidth the payload gets (headers, ACKs, TCP sharing)
     projection: Projection | None = None
     # Configured compute per inner step (a device speed), used by the clock instead of the
     # measured times, so runs on a busy machine or on different machines compare fairly.
@@ -128,7 +129,7 @@ class SimConfig:
         if not self.bandwidths:
             raise ValueError("give at least one bandwidth to simulate")
         for b in self.bandwidths:
-            Network(float(b), self.latency)  # validates
+            Network(float(b), self.latency, self.link_efficiency)  # validates
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -455,7 +456,7 @@ def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, r
         compute = [float(cfg.step_seconds)] * steps
     sim_seconds, util = {}, {}
     for b in cfg.bandwidths:
-        net = Network(float(b), cfg.latency)
+        net = Network(float(b), cfg.latency, cfg.link_efficiency)
         clocks = [simulate_clock(compute, _events(r, sz, net)) for r, sz in zip(results, sizes)]
         total = max(c.total for c in clocks)
         sim_seconds[bandwidth_label(b)] = total
@@ -475,7 +476,7 @@ def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, r
                 "bytes_sent": sum(per_worker) / W * scale, "peak_bytes": peak * scale,
                 "sim_seconds": {}, "utilisation": {}}
         for b in cfg.bandwidths:
-            net = Network(float(b), cfg.latency)
+            net = Network(float(b), cfg.latency, cfg.link_efficiency)
             total = max(simulate_clock(pcompute, _events(r, sz, net, scale)).total for r, sz in zip(results, sizes))
             proj["sim_seconds"][bandwidth_label(b)] = total
             proj["utilisation"][bandwidth_label(b)] = sum(pcompute) / total
