@@ -132,6 +132,9 @@ def run_one(strategy: str, args, workdir: str) -> list[dict]:
         # The links' payload share for transfers of this run's size: one all-reduce phase sends
         # bytes / 2 from each peer, (n - 1) equal pieces.
         sync_ops = [nbytes for _op, kind, n, nbytes in tls[0]["ops"][1:] if kind == "all_reduce" and n > 1]
+        if not sync_ops:
+            raise SystemExit(f"{strategy}: the run made no all-reduce among peers; nothing to compare (logs in "
+                             f"{workdir})")
         per_pair = max(1, int(statistics.median(sync_ops) / (2 * (args.peers - 1))))
         eff = effective_rate(lab, per_pair, args.probe_repeats, phases=2)
     pr = predict(tls, parse_rate(args.rate))
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "tiny_diloco.py"))
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args(argv)
+    if args.peers < 2 or args.steps < 1 or args.sync_every < 1 or args.probe_repeats < 1:
+        ap.error("--peers must be >= 2; --steps, --sync-every and --probe-repeats >= 1")
     cleanup_stale()
     workdir = tempfile.mkdtemp(prefix="lowcomm-netlab-")
     print(f"{args.peers} peers, links tbf {args.rate} (burst {args.burst or 'netlab default'}, "

@@ -79,12 +79,15 @@ def test_miss_catch_up_reset_then_drop_and_rejoin(coord):
     go = [m for m in d.deadline() if m["k"] == "go"]
     assert len(go) == 2 and [x[0] for x in go[0]["members"]] == [0, 1]
     assert d.c.events[-1]["event"] == "missed" and d.c.events[-1]["member"] == 2
-    assert d.c.members[2].misses == 1 and not d.c.members[2].active and 2 not in d.c.dropped
+    # stale until it activates: kept in the persisted `dropped` set, so a coordinator restart
+    # cannot take it back as active
+    assert d.c.members[2].misses == 1 and not d.c.members[2].active and 2 in d.c.dropped
     late = d.ready(2, 1)
     assert late[-1]["k"] == "drop" and "miss 1 of 2" in late[-1]["reason"]
 
     # it catches up (snapshot fetched elsewhere) and activates from op 2, then takes part: count reset
     assert d.send(b"m2", "activate", id=2, next_op=2)[-1]["k"] == "state"
+    assert d.c.members[2].active and 2 not in d.c.dropped
     for m in ids:
         d.ready(m, 2)
     assert d.c.released[2][0] == {0, 1, 2} and d.c.members[2].misses == 0
@@ -130,7 +133,8 @@ def test_bad_max_misses(coord):
 
 def test_serve_prints_members_and_progress(capsys):
     c = Coordinator("tcp://127.0.0.1:*", min_peers=2, heartbeat=0.2)
-    c.serve(duration=0.5, status_every=0.1)  # closes the sockets when done
+    c.serve(duration=1.5, status_every=0.1)  # closes the sockets when done
     out = capsys.readouterr().out
     assert "waiting for 2 peer(s) to start the run" in out
-    assert out.count("waiting for") == 1  # printed again only when it changes (or once a minute)
+    # an unchanged line is printed again only after 6 intervals (0.6 s): at 0 s, >= 0.6 s, maybe >= 1.2 s
+    assert 2 <= out.count("waiting for") <= 3

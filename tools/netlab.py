@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import ipaddress
 import logging
 import os
 import re
+import selectors
 import shlex
 import shutil
 import signal
@@ -332,11 +334,12 @@ _A2A = """
 import socket, sys, threading, time
 me, addrs, n, port, phases = (int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4]),
                               int(sys.argv[5]))
+limit = float(sys.argv[6])  # seconds any one wait may take
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((addrs[me], port)); srv.listen(len(addrs)); srv.settimeout(120)
 got, failed, cv = [0], [], threading.Condition()
 def read(c):
-    c.settimeout(300)
+    c.settimeout(limit)
     while True:
         b = c.recv(1 << 16)
         if not b:
@@ -350,7 +353,7 @@ def accept():
 threading.Thread(target=accept, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.readline()  # every node listens by now: connect (like a transport's standing connections)
-out = {j: socket.create_connection((addrs[j], port), timeout=120) for j in range(len(addrs)) if j != me}
+out = {j: socket.create_connection((addrs[j], port), timeout=limit) for j in range(len(addrs)) if j != me}
 print("connected", flush=True)
 t0 = float(sys.stdin.readline())  # start together
 time.sleep(max(0.0, t0 - time.time()))
@@ -360,16 +363,29 @@ def send(j):
     except OSError as e:
         with cv:
             failed.append(f"to node {j}: {e}"); cv.notify_all()
+senders = []
 for ph in range(1, phases + 1):  # a phase starts when this node has received all of the previous one
     for j in out:
-        threading.Thread(target=send, args=(j,), daemon=True).start()
+        senders.append(threading.Thread(target=send, args=(j,), daemon=True))
+        senders[-1].start()
     with cv:
-        if not cv.wait_for(lambda: failed or got[0] >= ph * n * (len(addrs) - 1), timeout=300) or failed:
+        if not cv.wait_for(lambda: failed or got[0] >= ph * n * (len(addrs) - 1), timeout=limit) or failed:
             sys.exit(f"all-to-all failed: {failed or 'timed out'}")
 print(time.time() - t0, flush=True)
+for th in senders:  # what this node sends may still be on its way: the others wait for it
+    th.join(limit)
 for s in out.values():
     s.close()
 """
+
+
+def _line_by(p: subprocess.Popen, deadline: float) -> str:
+    """The next line of ``p``'s stdout (one line at a time is all the probe ever has pending)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        if not sel.select(max(0.0, deadline - time.monotonic())):
+            raise RuntimeError("all-to-all probe: a node did not start in time")
+    return p.stdout.readline().strip()
 
 
 def measure_all_to_all(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phases: int = 1,
@@ -380,18 +396,24 @@ def measure_all_to_all(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phase
     seconds until the last node has received everything."""
     if per_pair_bytes < 1 or repeats < 1 or phases < 1:
         raise ValueError("per_pair_bytes, repeats and phases must be >= 1")
+    if lab.nodes < 2:
+        raise ValueError("an all-to-all needs at least 2 nodes")
     addrs = ",".join(lab.addrs)
+    # A deadline for every wait: 10x the time at the nominal rate (or at 10 Mbit/s unshaped), >= 60 s.
+    nominal = 8.0 * per_pair_bytes * (lab.nodes - 1) * phases / (lab.rate_bits or 10e6)
+    limit = max(60.0, 10 * nominal)
     out = []
     for r in range(repeats):
         procs = [lab.popen(i, [sys.executable, "-c", _A2A, str(i), addrs, str(per_pair_bytes), str(port + r),
-                               str(phases)],
+                               str(phases), repr(limit)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i in range(lab.nodes)]
         try:
+            deadline = time.monotonic() + limit
             for want in ("ready", "connected"):
                 for p in procs:
-                    if p.stdout.readline().strip() != want:
-                        raise RuntimeError(f"all-to-all probe did not start: {p.stderr.read()[-500:]}")
+                    if _line_by(p, deadline) != want:
+                        raise RuntimeError(f"all-to-all probe: a node failed to start (rc {p.poll()})")
                 if want == "ready":
                     for p in procs:
                         p.stdin.write("go\n")
@@ -402,7 +424,7 @@ def measure_all_to_all(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phase
                 p.stdin.flush()
             times = []
             for p in procs:
-                so, se = p.communicate(timeout=600)
+                so, se = p.communicate(timeout=3 * limit)
                 if p.returncode != 0:
                     raise RuntimeError(f"all-to-all probe failed: {se.strip()[-500:]}")
                 times.append(float(so.split()[-1]))
@@ -410,7 +432,11 @@ def measure_all_to_all(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phase
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(5)
+                for f in (p.stdin, p.stdout, p.stderr):
+                    with contextlib.suppress(OSError):
+                        f.close()
         out.append(max(times))
     return out
 
@@ -423,12 +449,12 @@ def effective_rate(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phases: i
     return 8.0 * phases * per_pair_bytes * (lab.nodes - 1) / secs
 
 
-def link_efficiency(lab: NetLab, per_pair_bytes: int, repeats: int = 3) -> float:
+def link_efficiency(lab: NetLab, per_pair_bytes: int, repeats: int = 3, phases: int = 1) -> float:
     """:func:`effective_rate` as a share of the nominal rate, at most 1 (the simulator's
     :class:`~lowcomm.sim.clock.Network` ``efficiency``)."""
     if lab.rate_bits is None:
         raise ValueError("the lab's links are unshaped: there is no nominal rate to compare with")
-    return min(1.0, effective_rate(lab, per_pair_bytes, repeats) / lab.rate_bits)
+    return min(1.0, effective_rate(lab, per_pair_bytes, repeats, phases) / lab.rate_bits)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ where ``bytes`` is what the busiest participant put on the wire for it (read fro
 transports' byte ledgers, never computed from a formula), ``bandwidth`` is scaled by the
 link's ``efficiency`` (the share of the nominal rate a transport's payload really gets:
 TCP/IP headers, ACKs, TCP flows sharing a link; 1.0 by default, measured for a real network
-with e.g. :func:`tools.netlab.measure_all_to_all`), and the rounds follow the
+with e.g. :func:`tools.netlab.link_efficiency`), and the rounds follow the
 collective's shape: a ring all-reduce is a reduce-scatter and an all-gather, 2(n-1) rounds
 of S/n bytes each (so its per-worker bytes, 2(n-1)/n S, are the ledger's); an all-gather
 n-1 rounds; a pairwise or group exchange and a broadcast one round.

@@ -199,8 +199,12 @@ class Coordinator:
                   f"miss {m.misses} of {self.max_misses} before it is dropped; it catches up from a snapshot")
         log.warning("member %d missed op %d: %s", mid, op, reason)
         self._event("missed", mid, op, m.misses, reason)
-        # Its state no longer matches the run's: pending until it has fetched a snapshot.
+        # Its state no longer matches the run's: pending until it has fetched a snapshot. Kept in
+        # ``dropped`` (persisted) too, so that after a coordinator restart its re-registration
+        # cannot make it active again with stale state; activating removes it.
         m.active = False
+        self.dropped.add(mid)
+        self._persist()
         self._bump(f"member {mid} missed op {op}")
 
     def _send(self, rid: bytes, frame: bytes) -> None:
@@ -295,6 +299,8 @@ class Coordinator:
         if not mem.active:
             mem.active, mem.activate_op = True, op
             self.dropped.discard(mem.id)
+            self._why.pop(mem.id, None)
+            self._persist()
             self.started = True
             self._bump(f"member {mem.id} activated from op {op}")
         self._send(rid, self._state(True))
@@ -328,6 +334,9 @@ class Coordinator:
             expected = {m.id for m in self.members.values() if m.active and m.activate_op <= op}
             missing = expected - set(b.ready)
             if missing and now - b.first < self.barrier_timeout:
+                continue
+            if not b.ready:
+                del self.barriers[op]  # nobody is waiting: nobody went ahead without anyone
                 continue
             for mid in sorted(missing):
                 self._miss(mid, op)
@@ -366,7 +375,8 @@ class Coordinator:
         now = time.monotonic()
         for key in list(self.votes):
             v = self.votes[key]
-            gone = [g for g in v.group if g not in self.members or not self.members[g].active]
+            # Left or dropped; a member that only missed a later op (pending) may still report.
+            gone = [g for g in v.group if g not in self.members]
             failed = [g for g, ok in v.votes.items() if not ok]
             complete = all(g in v.votes for g in v.group)
             if failed or gone or now - v.first > self.barrier_timeout:
@@ -409,7 +419,7 @@ class Coordinator:
                 "misses": {m.id: m.misses for m in self.members.values() if m.misses},
                 "last_op": last_op if last_op >= 0 else None, "ops_committed": self.ops_committed,
                 "ops_failed": self.ops_failed, "last_sync_reported": max(self.hashes) if self.hashes else None,
-                "dropped_total": len(self.dropped), "invalid_messages": self.dropped_invalid}
+                "stale_or_dropped": len(self.dropped), "invalid_messages": self.dropped_invalid}
 
     def status_line(self) -> str:
         s = self.status()
@@ -443,7 +453,7 @@ class Coordinator:
         With ``status_every``, print :meth:`status_line` that often (and when it changes).
         """
         end = None if duration is None else time.monotonic() + duration
-        next_status, last_line = time.monotonic(), None
+        next_status, last_line, last_print = time.monotonic(), None, 0.0
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         tick = min(0.2, self.heartbeat / 4)
@@ -468,9 +478,9 @@ class Coordinator:
                     now = time.monotonic()
                     if now >= next_status:
                         line = self.status_line()
-                        if line != last_line or now - next_status > 6 * status_every:
+                        if line != last_line or now - last_print >= 6 * status_every:
                             print(time.strftime("%H:%M:%S ") + line, flush=True)
-                            last_line = line
+                            last_line, last_print = line, now
                         next_status = now + status_every
         finally:
             self.close()
@@ -488,6 +498,8 @@ class Coordinator:
 
 def run_coordinator(bind: str, status_every: float | None = None, **kwargs) -> None:
     """Run a coordinator in this process until interrupted (what ``lowcomm coordinator`` does)."""
+    if status_every is not None and not status_every > 0:
+        raise ValueError(f"status_every must be > 0 seconds (or None/0 for no status lines), got {status_every!r}")
     c = Coordinator(bind, **kwargs)
     print(f"lowcomm coordinator listening on {c.endpoint} (epoch {c.epoch})", flush=True)
     try:
@@ -504,7 +516,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--heartbeat-timeout", type=float, default=None,
                     help="drop a peer silent for this long (default 5 heartbeats)")
     ap.add_argument("--barrier-timeout", type=float, default=600.0,
-                    help="seconds the sync-start barrier waits for the slowest member before dropping it; "
+                    help="seconds the sync-start barrier waits for the slowest member before going on "
+                         "without it (it misses that sync); "
                          "allow for the slowest expected compute between syncs")
     ap.add_argument("--max-misses", type=int, default=3,
                     help="consecutive missed syncs after which a slow peer is dropped (it may join again); "
@@ -527,5 +540,5 @@ def main(args) -> int:
     run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
                     heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
                     max_misses=args.max_misses, state_file=args.state, curve=curve,
-                    status_every=args.status_every or None)
+                    status_every=None if args.status_every == 0 else args.status_every)
     return 0

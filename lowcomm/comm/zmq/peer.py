@@ -21,7 +21,8 @@ result chunk on at once, so reduce-scatter and all-gather overlap. Each peer sen
 ``2 (W-1)/W`` of the tensor, as in a ring, but over direct links.
 
 An operation: (1) a sync-start barrier at the coordinator returns the op's member list
-(members that missed it are dropped); (2) the data exchange, where a wait fails only when
+(members that missed it catch up from a snapshot, and are dropped after ``max_misses`` misses
+in a row); (2) the data exchange, where a wait fails only when
 no bytes arrived from the awaited peer for ``progress_timeout`` seconds (a slow link is not a
 dead peer), when the coordinator drops that peer, or when a peer reports that it aborted;
 (3) a commit round at the coordinator: every participant gets the same verdict, and results
