@@ -94,7 +94,8 @@ def predict(tls: list[dict], bandwidth: float) -> dict:
             "bytes": statistics.mean(b for _, b in evs)}
 
 
-def run_one(strategy: str, args, workdir: str) -> list[dict]:
+def run_one(strategy: str, args, workdir: str) -> tuple[list[dict], dict]:
+    """Run one strategy in a fresh lab: each peer's row, and the predictions for the run."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     out = os.path.join(workdir, strategy)
     with NetLab(args.peers, rate=args.rate, burst=args.burst, latency=args.tbf_latency) as lab:
@@ -131,18 +132,15 @@ def run_one(strategy: str, args, workdir: str) -> list[dict]:
                          "failed": pj["failed_syncs"]})
         # The links' payload share for transfers of this run's size: one all-reduce phase sends
         # bytes / 2 from each peer, (n - 1) equal pieces.
-        sync_ops = [nbytes for _op, kind, n, nbytes in tls[0]["ops"][1:] if kind == "all_reduce" and n > 1]
+        sync_ops = [nbytes for _op, kind, n, nbytes in tls[0]["ops"] if kind == "all_reduce" and n > 1]
         if not sync_ops:
             raise SystemExit(f"{strategy}: the run made no all-reduce among peers; nothing to compare (logs in "
                              f"{workdir})")
         per_pair = max(1, int(statistics.median(sync_ops) / (2 * (args.peers - 1))))
         eff = effective_rate(lab, per_pair, args.probe_repeats, phases=2)
-    pr = predict(tls, parse_rate(args.rate))
-    pm = predict(tls, eff)
-    for r in rows:
-        r.update(pr)
-        r.update({"predicted_eff": pm["predicted"], "rate_eff": eff, "probe_bytes": per_pair})
-    return rows
+    pred = predict(tls, parse_rate(args.rate))
+    pred.update(predicted_eff=predict(tls, eff)["predicted"], rate_eff=eff, probe_bytes=per_pair)
+    return rows, pred
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,16 +169,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{'pred eff':>8} {'ratio':>5} {'MB sent':>7} {'comm share':>10} {'util meas':>9} {'util pred':>9} "
           f"{'syncs':>5} {'failed':>6}")
     for strategy in args.strategies.split(","):
-        rows = run_one(strategy, args, workdir)
+        rows, p = run_one(strategy, args, workdir)
         meas = max(r["measured"] for r in rows)  # the run ends when its last peer does
-        pred = rows[0]["predicted"]
-        util = min(1.0, rows[0]["compute"] / meas)
-        putil = rows[0]["pred_util"]
-        mb = rows[0]["bytes"] / 1e6
-        pe = rows[0]["predicted_eff"]
-        print(f"{strategy:10} {meas:10.1f} {pred:12.1f} {pred / meas:5.2f} {rows[0]['rate_eff'] / 1e3:10.0f} {pe:8.1f} "
-              f"{pe / meas:5.2f} {mb:7.2f} {max(0.0, 1 - util):10.0%} "
-              f"{util:9.0%} {putil:9.0%} {rows[0]['syncs']:5d} {sum(r['failed'] for r in rows):6d}", flush=True)
+        util = min(1.0, p["compute"] / meas)
+        pn, pe = p["predicted"], p["predicted_eff"]
+        print(f"{strategy:10} {meas:10.1f} {pn:12.1f} {pn / meas:5.2f} {p['rate_eff'] / 1e3:10.0f} {pe:8.1f} "
+              f"{pe / meas:5.2f} {p['bytes'] / 1e6:7.2f} {max(0.0, 1 - util):10.0%} "
+              f"{util:9.0%} {p['pred_util']:9.0%} {rows[0]['syncs']:5d} {sum(r['failed'] for r in rows):6d}",
+              flush=True)
     return 0
 
 

@@ -105,10 +105,10 @@ def main(cfg):
     t = connect_zmq(cfg["coordinator"], **kw)
     hooks = {}
     # [step, id]: at that step wait until member `id` is an active member of the run
-    for step, mid in cfg.get("waits", []) + ([cfg["wait_member"]] if cfg.get("wait_member") else []):
+    for step, mid in cfg.get("waits", []):
         hooks[step] = lambda tr, opt, mid=mid: tr.wait_members(lambda ids: mid in ids, 60)
     # [step, seconds] or [step, seconds, member]: sleep before that step (only as that member)
-    for step, secs, *who in cfg.get("pauses", []) + ([cfg["pause"]] if cfg.get("pause") else []):
+    for step, secs, *who in cfg.get("pauses", []):
         if not who or who[0] == t.rank:
             hooks[step] = lambda tr, opt, secs=secs: time.sleep(secs)
     try:

@@ -1,6 +1,5 @@
 """ddp: equals plain SGD on the mean gradient; bytes equal the all-reduce's closed form."""
 
-
 import pytest
 import torch
 from _common import batch, loss_of, make_model

@@ -15,14 +15,6 @@ from lowcomm.outer.diloco import sgd_outer
 FEDAVG_SGD = sgd_outer(1.0, 0.0, False)
 
 
-
-
-
-
-
-
-
-
 def world_of_one():
     return LocalTransport(LocalWorld(1), 0)
 

@@ -15,14 +15,6 @@ from lowcomm.outer.noloco import noloco_groups
 P_SHAPE = (3,)
 
 
-
-
-
-
-
-
-
-
 def flat(params):
     return torch.cat([p.detach().reshape(-1).float() for p in params])
 

@@ -181,7 +181,7 @@ def test_join_mid_run_ends_bit_identical(peers):
     steps = 8
     with coordinator(min_peers=2) as c:
         for _ in range(2):
-            peers.spawn(c.endpoint, steps=steps, wait_member=[4, 2])
+            peers.spawn(c.endpoint, steps=steps, waits=[[4, 2]])
         end = time.monotonic() + 60
         while not c.started and time.monotonic() < end:
             time.sleep(0.05)
@@ -203,7 +203,7 @@ def test_donor_dies_mid_transfer_joiner_uses_another(peers):
     fault = {"serve_chunks": 3, "member": 0}
     with coordinator(min_peers=3) as c:
         for _ in range(3):
-            peers.spawn(c.endpoint, steps=steps, wait_member=[4, 3], transport={**TRANSPORT, "fault": fault})
+            peers.spawn(c.endpoint, steps=steps, waits=[[4, 3]], transport={**TRANSPORT, "fault": fault})
         end = time.monotonic() + 60
         while not c.started and time.monotonic() < end:
             time.sleep(0.05)
@@ -252,7 +252,7 @@ def test_coordinator_restart_mid_run(peers, tmp_path):
     with coordinator(min_peers=W, state_file=state) as c:
         port = c.endpoint.rsplit(":", 1)[1]
         for _ in range(W):
-            peers.spawn(c.endpoint, steps=steps, pause=[4, 3.0])
+            peers.spawn(c.endpoint, steps=steps, pauses=[[4, 3.0]])
         end = time.monotonic() + 150
         while 2 not in c.released and time.monotonic() < end:  # op 2 = the 2nd sync
             time.sleep(0.02)

@@ -58,8 +58,8 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
            + ("measured compute" if getattr(cfg, "step_seconds", None) is None
               else f"{cfg.step_seconds:g} s compute per step")
            + f" and {cfg.latency * 1e3:g} ms latency per round"
-           + (f", links at {getattr(cfg, 'link_efficiency', 1.0):.0%} of their rate"
-              if getattr(cfg, "link_efficiency", 1.0) != 1.0 else "") + ")"]
+           + (f", links at {cfg.link_efficiency:.0%} of their rate" if cfg.link_efficiency != 1.0 else "")
+           + ")"]
     if any(r.projection for r in runs):
         pj = next(r.projection for r in runs if r.projection)
         header = ["strategy (PROJECTION)", "bytes/worker", "peak sync", *[f"time@{b}" for b in bws],

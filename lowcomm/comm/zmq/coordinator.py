@@ -452,6 +452,8 @@ class Coordinator:
 
         With ``status_every``, print :meth:`status_line` that often (and when it changes).
         """
+        if status_every is not None and not status_every > 0:
+            raise ValueError(f"status_every must be > 0 seconds (or None for no status lines), got {status_every!r}")
         end = None if duration is None else time.monotonic() + duration
         next_status, last_line, last_print = time.monotonic(), None, 0.0
         poller = zmq.Poller()
@@ -498,8 +500,6 @@ class Coordinator:
 
 def run_coordinator(bind: str, status_every: float | None = None, **kwargs) -> None:
     """Run a coordinator in this process until interrupted (what ``lowcomm coordinator`` does)."""
-    if status_every is not None and not status_every > 0:
-        raise ValueError(f"status_every must be > 0 seconds (or None/0 for no status lines), got {status_every!r}")
     c = Coordinator(bind, **kwargs)
     print(f"lowcomm coordinator listening on {c.endpoint} (epoch {c.epoch})", flush=True)
     try:
