@@ -93,6 +93,18 @@ def diloco_run(t, model, get_batch, tag, inner_cls=torch.optim.AdamW):
     return out
 
 
+def sparseloco_run(t, model, get_batch):
+    """SparseLoCo (2-bit top-3 of chunks of 4), H=3: all-gathers only, so gloo gives the local bits."""
+    opt = lowcomm.SparseLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, sync_every=H, topk=3,
+                             chunk=4, strict=True)
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = get_batch(step)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    return {"sparse/params": flat(model.parameters()), "sparse/error": opt._error.clone()}
+
+
 # ---- scenarios -----------------------------------------------------------------------------------
 
 
@@ -100,6 +112,7 @@ def scenario_two(t):
     """2 members: DiLoCo, all_gather of variable sizes, codecs, broadcast, bf16 sum."""
     r = t.rank
     out = diloco_run(t, make_model(), lambda step: batch(r, 0, step), "diloco")
+    out.update(sparseloco_run(t, make_model(), lambda step: batch(r, 0, step)))
     meta = {"ledger": ledger_rows(t.ledger)}
     payload = [torch.arange(r + 2, dtype=torch.float32) * (r + 1), torch.full((r + 1, 2), r, dtype=torch.int64)]
     got = t.all_gather(payload).wait(60)

@@ -128,6 +128,8 @@ def test_collectives_bit_identical_to_local(two, two_local):
     assert got["gather/0/0"].tolist() == [0.0, 1.0] and got["gather/1/0"].tolist() == [0.0, 2.0, 4.0]
     assert got["gather/1/1"].shape == (2, 2) and got["gather/1/1"].dtype == torch.int64
     assert got["bcast/0"].tolist() == [1.0] * 4 and got["bcast/1"].tolist() == [1, 1]
+    # SparseLoCo over gloo: the local run's bits (checked above), the same on both members
+    assert torch.equal(two[0][0]["sparse/params"], two[1][0]["sparse/params"])
     # every member ends with the same bits, for the test codecs and lowcomm's own
     for name in ("test-bf16", "test-int8", "int8", "int4"):
         assert torch.equal(two[0][0][f"q/{name}/0"], two[1][0][f"q/{name}/0"])

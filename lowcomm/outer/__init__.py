@@ -6,8 +6,9 @@ from .demo import DeMo
 from .diloco import DiLoCo
 from .noloco import NoLoCo, noloco_groups
 from .registry import Strategy, available, default_strategies, get_strategy, register_strategy
+from .sparseloco import SparseLoCo
 from .streaming import StreamingDiLoCo
 
-__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "StreamingDiLoCo", "SyncUnit",
+__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "SparseLoCo", "Strategy", "StreamingDiLoCo", "SyncUnit",
            "available", "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups",
            "register_strategy"]
