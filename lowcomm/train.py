@@ -47,6 +47,7 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
+from .inner import INNER_KINDS, make_inner
 from .outer.registry import available, get_strategy
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -79,7 +80,7 @@ class TrainConfig:
     description: str = ""  # what the recipe is for
     strategy: str = "diloco"  # a registered strategy (lowcomm.available())
     knobs: dict[str, Any] = field(default_factory=dict)  # strategy knobs over its registry defaults
-    inner: str = ""  # inner optimizer: "adamw" | "sgd"; "" takes the strategy's default (else adamw)
+    inner: str = ""  # inner optimizer: "adamw" | "sgd" | "muon" (Muon + AdamW); "" takes the strategy's default
     lr: float = 0.0  # peak inner learning rate; 0 takes the strategy's default (else 1e-3)
     weight_decay: float = 0.1  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -124,8 +125,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.inner not in ("", "adamw", "sgd"):
-            raise ValueError(f"inner must be 'adamw' or 'sgd' (or '' for the strategy's default), got {self.inner!r}")
+        if self.inner not in ("", *INNER_KINDS):
+            raise ValueError(f"inner must be one of {INNER_KINDS} (or '' for the strategy's default), "
+                             f"got {self.inner!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
@@ -237,12 +239,6 @@ def _strategy_settings(cfg: TrainConfig) -> tuple[str, float, dict[str, Any]]:
     for k in ("inner", "lr"):
         knobs.pop(k, None)
     return inner, lr, knobs
-
-
-def _make_inner(kind: str, params: list[torch.Tensor], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr)
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -386,7 +382,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         fwd = DistributedDataParallel(model, process_group=layout.replica_group,
                                       device_ids=[device.index] if device.type == "cuda" else None)
     inner_kind, peak_lr, knobs = _strategy_settings(cfg)
-    inner = _make_inner(inner_kind, [p for p in model.parameters() if p.requires_grad], peak_lr, cfg)
+    inner = make_inner(model, inner_kind, peak_lr, cfg.weight_decay, cfg.betas)  # one optimizer, or [Muon, AdamW]
     opt = get_strategy(cfg.strategy).build(inner, transport, model, **knobs)
 
     step, tokens, bytes_base, elapsed_base = 0, 0, 0, 0.0
@@ -394,7 +390,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     if attach is not None:
         # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
         # Members of DiLoCo-like strategies hold the same global state, which the joiner checks.
-        attach(model, opt, verify_global=cfg.strategy in ("diloco", "fedavg", "streaming"))
+        attach(model, opt, verify_global=cfg.strategy in ("diloco", "fedavg", "streaming", "sparseloco"))
         step = int(getattr(opt, "local_step", 0))
         stream.step = step  # batch k depends only on (seed, shard, k): the joiner continues the schedule
         tokens = step * cfg.batch_size * m.seq_len

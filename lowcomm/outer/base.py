@@ -1,10 +1,12 @@
 """OuterOptimizer: the machinery every low-communication strategy shares.
 
-An :class:`OuterOptimizer` wraps an inner ``torch.optim`` optimizer and *is* a
-``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizer's (so LR schedulers
-built on the wrapper drive the inner learning rate), ``step()`` runs the inner step and then
-whatever outer work the strategy has due, and ``state_dict()`` holds the inner state, the
-global (anchor) parameters, the outer optimizers' state and the counters.
+An :class:`OuterOptimizer` wraps an inner ``torch.optim`` optimizer, or a list of them over
+disjoint parameters (``inner=[muon, adamw]``, see :mod:`.multi`), and *is* a
+``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizers' (concatenated, so one LR
+scheduler built on the wrapper drives every inner learning rate), ``step()`` runs the inner step(s)
+and then whatever outer work the strategy has due, and ``state_dict()`` holds the inner states
+(``"inner"``: a list, one per inner optimizer; a single-inner checkpoint's one state dict still
+loads), the global (anchor) parameters, the outer optimizers' state and the counters.
 
 A sync is two phases, :meth:`OuterOptimizer.launch_reduce` (start a non-blocking
 collective) and :meth:`OuterOptimizer.finish` (wait, then apply, or roll back), so a
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from ..comm.base import CommError, Handle, Transport, check_transport
+from .multi import as_inner, inner_list, load_inner
 
 __all__ = ["OuterFactory", "OuterOptimizer", "PendingSync", "SyncRecord", "SyncUnit", "default_outer_optimizer"]
 
@@ -143,14 +146,16 @@ class OuterOptimizer(torch.optim.Optimizer):
     """Base class of lowcomm's strategies (see the module docstring).
 
     Args:
-        inner: the inner optimizer; every parameter must be floating point and require grad.
+        inner: the inner optimizer, or a list of them over disjoint parameters (e.g. Muon for the
+            2-D weights and AdamW for the rest); every parameter must be floating point and require grad.
         transport: a lowcomm transport (``lowcomm.connect()``, a local transport, ...).
         strict: raise on a failed sync instead of rolling back and going on.
         timeout: seconds a sync may wait (default: the transport's own deadline).
     """
 
-    def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
-                 timeout: float | None = None):
+    def __init__(self, inner: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, transport: Transport,
+                 strict: bool = False, timeout: float | None = None):
+        inner = as_inner(inner)
         if isinstance(inner, OuterOptimizer):
             raise ValueError("inner is already a lowcomm OuterOptimizer; wrap the plain torch optimizer instead")
         if not isinstance(inner, torch.optim.Optimizer):
@@ -195,7 +200,7 @@ class OuterOptimizer(torch.optim.Optimizer):
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The inner optimizer's param groups (shared, so LR schedulers drive the inner lr)."""
+        """The inner optimizers' param groups (shared, so LR schedulers drive the inner lrs)."""
         return self.inner.param_groups
 
     @param_groups.setter
@@ -218,6 +223,11 @@ class OuterOptimizer(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.inner.defaults = value
+
+    @property
+    def inners(self) -> list[torch.optim.Optimizer]:
+        """The plain inner optimizers (one, or those of the list given as ``inner``)."""
+        return inner_list(self.inner)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -314,7 +324,7 @@ class OuterOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Inner state, global parameters, outer state and counters (tensors are references, as in torch)."""
         return {
-            "inner": self.inner.state_dict(),
+            "inner": [o.state_dict() for o in self.inners],
             "units": [u.state_dict() for u in self.units],
             "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
                          "failed_syncs": self.failed_syncs},
@@ -329,7 +339,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         if len(state_dict["units"]) != len(self.units):
             raise ValueError(f"state has {len(state_dict['units'])} sync units, this optimizer has "
                              f"{len(self.units)}: build it with the same model and settings")
-        self.inner.load_state_dict(state_dict["inner"])
+        load_inner(self.inners, state_dict["inner"])
         for u, sd in zip(self.units, state_dict["units"]):
             u.load_state_dict(sd)
         c = state_dict["counters"]

@@ -164,8 +164,8 @@ class DeMo(OuterOptimizer):
 
     # ---- setup ---------------------------------------------------------------------------------
     def _check_inner(self) -> None:
-        for i, g in enumerate(self.inner.param_groups):
-            if isinstance(self.inner, torch.optim.SGD):
+        for i, (inner, g) in enumerate((o, g) for o in self.inners for g in o.param_groups):
+            if isinstance(inner, torch.optim.SGD):
                 if g.get("momentum", 0) != 0:
                     raise ValueError(f"inner SGD group {i} has momentum={g['momentum']}; DeMo's delta is the "
                                      f"momentum: build torch.optim.SGD(params, lr=...) without momentum")
@@ -174,7 +174,7 @@ class DeMo(OuterOptimizer):
                                      f"own decoupled weight decay: pass weight_decay to DeMo and 0 to SGD")
             elif self.weight_decay != 0 and g.get("weight_decay", 0) != 0:
                 raise ValueError(f"both DeMo (weight_decay={self.weight_decay}) and the inner "
-                                 f"{type(self.inner).__name__} (group {i}: {g['weight_decay']}) decay the weights; "
+                                 f"{type(inner).__name__} (group {i}: {g['weight_decay']}) decay the weights; "
                                  f"set one of them to 0")
 
     def _build(self, params: list[torch.Tensor]) -> None:

@@ -98,3 +98,7 @@ register_strategy("diloco", _build, {"sync_every": 50, "outer_lr": 0.7, "outer_m
                   "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
 register_strategy("fedavg", _build_fedavg, {"sync_every": 50},
                   "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)", default_run=False)
+register_strategy("muloco", _build, {"inner": "muon", "sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9,
+                                     "nesterov": True},
+                  "MuLoCo: DiLoCo with Muon inner steps on the 2-D hidden weights (AdamW for the rest)",
+                  default_run=False)

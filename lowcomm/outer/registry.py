@@ -6,8 +6,9 @@ defaults for short simulated runs, and a one-line description. Strategies writte
 lowcomm register themselves the same way and then run in ``lowcomm sim``.
 
 Two keys of ``defaults`` are read by whoever builds the inner optimizer (the simulator, the
-training loop) instead of being passed to ``build``: ``"inner"`` (``"adamw"`` or ``"sgd"``,
-the inner optimizer the strategy is meant to wrap) and ``"lr"`` (its peak learning rate).
+training loop) instead of being passed to ``build``: ``"inner"`` (``"adamw"``, ``"sgd"`` or
+``"muon"``, the inner optimizer the strategy is meant to wrap, see :func:`lowcomm.inner.make_inner`)
+and ``"lr"`` (its peak learning rate).
 
 Contract for the simulator: a strategy appends a :class:`~lowcomm.outer.base.SyncRecord`
 to ``opt.sync_log`` for every communication it performs (launch step, finish step, the

@@ -34,6 +34,7 @@ import torch
 
 from ..comm.local import run_local
 from ..data import Corpus, load_corpus
+from ..inner import make_inner
 from ..models import GPT, GPTConfig
 from ..outer.registry import get_strategy
 from .clock import CommEvent, Network, simulate_clock
@@ -203,15 +204,6 @@ def _lr_lambda(cfg: SimConfig) -> Callable[[int], float]:
     return f
 
 
-def make_inner(params: Sequence[torch.Tensor], kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The inner optimizer a strategy asks for: ``"adamw"`` (betas 0.9/0.95) or ``"sgd"``."""
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"inner optimizer must be 'adamw' or 'sgd', got {kind!r}")
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean held-out cross-entropy (nats per token) over ``batches``."""
@@ -332,8 +324,10 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             model = GPT(mcfg)
             if cfg.init_state:
                 _load_weights(model, cfg.init_state)
-        inner = make_inner([p for p in model.parameters() if p.requires_grad], inner_kind, lr, cfg.weight_decay)
+        inner = make_inner(model, inner_kind, lr, cfg.weight_decay)  # one optimizer, or [Muon, AdamW]
         opt = strat.build(inner, transport, model=model, **knobs)
+        # The inner step(s): an OuterOptimizer's ``inner`` is one torch optimizer even for several
+        # inner optimizers (an InnerOptimizers steps them all), else the strategy is a plain optimizer.
         inner_opt = getattr(opt, "inner", opt)
         timer = {"t": 0.0, "t0": 0.0}
 
