@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..comm.p2p import shard_bounds
+from ..shards import shard_bounds
 
 __all__ = ["DEFAULT_CORPUS", "BatchStream", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]
 

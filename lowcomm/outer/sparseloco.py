@@ -76,6 +76,8 @@ class SparseLoCo(OuterOptimizer):
         timeout: seconds a sync may wait.
     """
 
+    shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
                  bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,

@@ -326,9 +326,9 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 _load_weights(model, cfg.init_state)
         inner = make_inner(model, inner_kind, lr, cfg.weight_decay)  # one optimizer, or [Muon, AdamW]
         opt = strat.build(inner, transport, model=model, **knobs)
-        # The inner step(s): an OuterOptimizer's ``inner`` is one torch optimizer even for several
-        # inner optimizers (an InnerOptimizers steps them all), else the strategy is a plain optimizer.
-        inner_opt = getattr(opt, "inner", opt)
+        # The inner step(s): ``opt.inner`` is one torch optimizer even for several inner optimizers
+        # (an InnerOptimizers steps them all), so one pair of hooks times every inner step.
+        inner_opt = opt.inner
         timer = {"t": 0.0, "t0": 0.0}
 
         # The inner step is compute: time it under the lock too. (Hooks, so a strategy's own
@@ -353,10 +353,9 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 finally:
                     timer["t"] += time.perf_counter() - t0
 
-        if hasattr(opt, "compute_guard"):
-            # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
-            # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
-            opt.compute_guard = guard
+        # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
+        # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
+        opt.compute_guard = guard
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
         stream = corpus.stream(rank, W, cfg.batch_size, cfg.seed)
         ops_before = transport.ledger.ops
@@ -378,7 +377,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             sched.step()
             compute.append(fb + timer["t"])
             train_losses.append(loss.item())
-            if step == cfg.steps and getattr(opt, "flush", None) is not None:
+            if step == cfg.steps:
                 # land a sync still in flight (Streaming DiLoCo's last fragment), so the final model
                 # has every sync and no collective is left unfinished when the workers stop
                 opt.flush()
@@ -388,11 +387,11 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
         return {
             "compute": compute,
-            "sync_log": list(getattr(opt, "sync_log", [])),
+            "sync_log": list(opt.sync_log),
             "records": list(transport.ledger.records),
             "op_step": op_step,
-            "syncs": int(getattr(opt, "sync_count", 0)),
-            "failed": int(getattr(opt, "failed_syncs", 0)),
+            "syncs": opt.sync_count,
+            "failed": opt.failed_syncs,
         }
 
     results = run_local(W, worker, timeout=cfg.timeout)
