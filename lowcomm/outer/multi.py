@@ -5,7 +5,9 @@ another optimizer (AdamW). Every lowcomm strategy accepts ``inner=[muon, adamw]`
 wrapped in an :class:`InnerOptimizers`, which *is* a ``torch.optim.Optimizer``:
 
 * ``param_groups`` is every optimizer's groups concatenated, in list order: the same group dicts,
-  so one LR scheduler on the outer optimizer (or on this) drives every inner lr;
+  so one LR scheduler on the outer optimizer (or on this) drives every inner lr (the list itself
+  is new on every read; add groups to the optimizers before wrapping them); ``state`` is a
+  read-only view of every optimizer's state;
 * ``step()`` runs the closure once, then steps each optimizer in list order; ``zero_grad()`` each;
 * ``state_dict()`` is ``{"inner": [sd_0, sd_1, ...]}``; ``load_state_dict`` takes that, or the
   plain state dict of a single optimizer when there is one (a single-inner checkpoint).
@@ -19,7 +21,8 @@ parameter of a ``torch.optim.Muon`` is 2-D (``Muon.add_param_group`` does not ch
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -39,13 +42,14 @@ class InnerOptimizers(torch.optim.Optimizer):
     """Several optimizers over disjoint parameters as one ``torch.optim.Optimizer`` (module docstring)."""
 
     def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        from .base import OuterOptimizer  # base imports this module
+
         optimizers = list(optimizers)
         if not optimizers:
             raise ValueError("inner is an empty list: pass one torch optimizer or a list of them")
         seen: dict[int, str] = {}
         for k, opt in enumerate(optimizers):
-            if isinstance(opt, InnerOptimizers) or not isinstance(opt, torch.optim.Optimizer) or hasattr(
-                    opt, "transport"):
+            if isinstance(opt, (InnerOptimizers, OuterOptimizer)) or not isinstance(opt, torch.optim.Optimizer):
                 raise ValueError(f"inner optimizer {k} must be a plain torch.optim.Optimizer (e.g. torch.optim.AdamW"
                                  f"(params)), got {type(opt).__name__}")
             for gi, g in enumerate(opt.param_groups):
@@ -86,12 +90,12 @@ class InnerOptimizers(torch.optim.Optimizer):
             start += n
 
     @property
-    def state(self) -> dict[Any, Any]:  # type: ignore[override]
+    def state(self) -> Mapping[Any, Any]:  # type: ignore[override]
         """Per-parameter state of every optimizer (a merged read-only view; parameters are disjoint)."""
         out: dict[Any, Any] = {}
         for o in self.optimizers:
             out.update(o.state)
-        return out
+        return MappingProxyType(out)
 
     @state.setter
     def state(self, value: Any) -> None:

@@ -41,6 +41,10 @@ Failure: a failed all-gather rolls back like DiLoCo: ``phi`` is untouched, ``the
 sync (the new one is built in a second buffer and only swapped in on success). A malformed
 payload from a peer raises ``ValueError`` naming it, after the same rollback.
 
+Compute accounting: the compression before the exchange and the decoding after it run inside
+``opt.compute_guard()`` (see :class:`~.base.OuterOptimizer`), so the simulator charges them as
+compute; the all-gather itself is outside it.
+
 Memory: the global copy ``phi`` (P in the parameters' dtype), the error buffer and its double
 buffer (2P fp32), and per sync the kept entries (about 1.5% of P) of every member.
 """
@@ -125,17 +129,18 @@ class SparseLoCo(OuterOptimizer):
     def sync(self) -> bool:
         """Compress, all-gather, decode, step ``phi``, reset the locals. Returns whether it committed."""
         unit, codec = self.units[0], self.codec
-        for p, a in zip(unit.params, unit.anchors):  # theta := phi - theta (reset after the sync anyway)
-            p.neg_().add_(a)
-        work = codec.to_chunks(unit.params, self._work)  # Delta in the chunk layout ...
-        work.add_(self._error, alpha=self.decay)  # ... + beta * e: the new buffer, beside the old one
-        try:
-            payload = codec.encode(work)
-        except ValueError:
-            unit.reset_locals()
-            raise
-        pos, sent = codec.decode(payload, who="own payload")
-        work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
+        with self.compute_guard():
+            for p, a in zip(unit.params, unit.anchors):  # theta := phi - theta (reset after the sync anyway)
+                p.neg_().add_(a)
+            work = codec.to_chunks(unit.params, self._work)  # Delta in the chunk layout ...
+            work.add_(self._error, alpha=self.decay)  # ... + beta * e: the new buffer, beside the old one
+            try:
+                payload = codec.encode(work)
+            except ValueError:
+                unit.reset_locals()
+                raise
+            pos, sent = codec.decode(payload, who="own payload")
+            work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
         try:
             handle = self.transport.all_gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
@@ -144,8 +149,11 @@ class SparseLoCo(OuterOptimizer):
         return self.finish(pending, self._apply)
 
     def _apply(self, pending: PendingSync) -> None:
+        with self.compute_guard():
+            self._apply_gathered(pending, pending.handle.wait(self.timeout))  # done: finish() waited for it
+
+    def _apply_gathered(self, pending: PendingSync, gathered: list[list[torch.Tensor]]) -> None:
         unit, codec = pending.unit, self.codec
-        gathered = pending.handle.wait(self.timeout)  # done: finish() waited for it
         members = self.transport.members()
         try:
             if len(gathered) != len(members):
