@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from lowcomm.comm.p2p import shard_bounds
 from lowcomm.data import Corpus, ShardLoader, TokenArray, load_dataset
+from lowcomm.shards import shard_bounds
 
 
 def _corpus(n=60_000, L=16):

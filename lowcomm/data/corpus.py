@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..comm.p2p import shard_bounds
+from ..shards import shard_bounds
 from .loader import ShardLoader, TokenWindows
 
 __all__ = ["DEFAULT_CORPUS", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]

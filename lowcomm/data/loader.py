@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ..comm.p2p import shard_bounds
+from ..shards import shard_bounds
 
 __all__ = ["ShardBatchSampler", "ShardLoader", "TokenWindows", "collate_tokens", "load_dataset"]
 

@@ -65,9 +65,7 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -157,7 +155,6 @@ class DeMo(OuterOptimizer):
             self._val_dtype = params[0].dtype
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
-        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.broadcast_initial()
         self._build(params)
