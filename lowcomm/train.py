@@ -28,17 +28,16 @@ completed, on exactly the trajectory of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +46,8 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
-from .outer.base import OuterOptimizer
-from .outer.registry import available, get_strategy
+from .loop import StrategySetup, eval_batches, evaluate, lr_factor, resolve_strategy, worker_step
+from .outer.registry import available, get_strategy, parse_knob
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
            "train"]
@@ -79,8 +78,8 @@ class TrainConfig:
     name: str = "run"  # run name; the output goes to <out_dir>
     description: str = ""  # what the recipe is for
     strategy: str = "diloco"  # a registered strategy (lowcomm.available())
-    knobs: dict[str, Any] = field(default_factory=dict)  # strategy knobs over its registry defaults
-    inner: str = ""  # inner optimizer: "adamw" | "sgd"; "" takes the strategy's default (else adamw)
+    knobs: dict[str, Any] = field(default_factory=dict)  # strategy knobs over its config's defaults (typed)
+    inner: str = ""  # inner optimizer (lowcomm.loop.INNER_OPTIMIZERS); "" takes the strategy's (else adamw)
     lr: float = 0.0  # peak inner learning rate; 0 takes the strategy's default (else 1e-3)
     weight_decay: float = 0.1  # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -125,10 +124,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.inner not in ("", "adamw", "sgd"):
-            raise ValueError(f"inner must be 'adamw' or 'sgd' (or '' for the strategy's default), got {self.inner!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        self.setup()  # knob names and types, the inner optimizer's name
+
+    def setup(self) -> StrategySetup:
+        """The strategy's typed config (``knobs`` over its defaults) and the inner optimizer and lr it runs with."""
+        return resolve_strategy(self.strategy, self.knobs, inner=self.inner, lr=self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,102 +174,48 @@ def load_recipe(path: str) -> TrainConfig:
     return cfg
 
 
-def _coerce(text: str, like: Any) -> Any:
-    if isinstance(like, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(like, int):
-        return int(text)
-    if isinstance(like, float):
-        return float(text)
-    if isinstance(like, str):
-        return text
-    return json.loads(text)
-
-
 def apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
-    """Apply ``key=value`` overrides: ``steps=50``, ``model.n_layer=2``, ``knobs.sync_every=10``."""
+    """Apply ``key=value`` overrides: ``steps=50``, ``model.n_layer=2``, ``knobs.sync_every=10``.
+
+    Every value is parsed against its field's type (``amp=false`` is False; ``knobs.nesterov=maybe``
+    is a ValueError naming the knob and its type); an unknown field or knob is a ValueError listing
+    the known ones.
+    """
     for item in sets:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. steps=100 or knobs.sync_every=10)")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if parts[0] == "knobs" and len(parts) == 2:
-            try:
-                cfg.knobs[parts[1]] = json.loads(text)
-            except json.JSONDecodeError:
-                cfg.knobs[parts[1]] = text
+            cfg.knobs[parts[1]] = text  # parsed against the strategy's knob types below
             continue
         obj = cfg
         for p in parts[:-1]:
-            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
                 raise ValueError(f"unknown config field {key!r}")
             obj = getattr(obj, p)
         last = parts[-1]
-        if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+        names = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+        if last not in names or last == "knobs":
             raise ValueError(f"unknown config field {key!r}; fields: "
-                             f"{', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
-        try:
-            setattr(obj, last, _coerce(text, getattr(obj, last)))
-        except ValueError as e:
-            raise ValueError(f"bad value for {key}: {e}") from None
+                             f"{', '.join(f.name for f in dataclasses.fields(obj))} (knobs: knobs.NAME=VALUE)")
+        hint = typing.get_type_hints(type(obj))[last]
+        value = parse_knob(key, hint, text)
+        setattr(obj, last, value)
     cfg.__post_init__()
+    if cfg.knobs and cfg.strategy in available():
+        cfg.knobs = {k: v for k, v in cfg.setup().config.to_dict().items()
+                     if k in {get_strategy(cfg.strategy).config.canonical(n) for n in cfg.knobs}}
     return cfg
 
 
 # ---- pieces -----------------------------------------------------------------------------------
-def lr_at(cfg: TrainConfig, lr: float, step: int) -> float:
-    """Learning rate for inner step ``step`` (0-based): linear warmup, then cosine or constant."""
-    if step < cfg.warmup_steps:
-        return lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return lr
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _strategy_settings(cfg: TrainConfig) -> tuple[str, float, dict[str, Any]]:
-    strat = get_strategy(cfg.strategy)
-    knobs = {**strat.defaults, **cfg.knobs}
-    inner = cfg.inner or knobs.get("inner", "adamw")
-    lr = cfg.lr or float(knobs.get("lr", 1e-3))
-    for k in ("inner", "lr"):
-        knobs.pop(k, None)
-    return inner, lr, knobs
-
-
-def _make_inner(kind: str, params: list[torch.Tensor], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=lr)
-
-
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is visible; use device='cpu' or 'auto'")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, amp: bool) -> float:
-    """Mean held-out cross-entropy (nats per token)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            _, loss = model(x, y)
-        total += float(loss) * x.numel()
-        count += x.numel()
-    model.train(was)
-    return total / max(1, count)
 
 
 class _Layout:
@@ -324,6 +272,17 @@ def _barrier(layout: _Layout) -> None:
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+def _connect(cfg: TrainConfig) -> Transport:
+    """``lowcomm.connect()`` for ``cfg``: under torchrun the hierarchical sync when ``cfg.hierarchical``."""
+    from .comm import connect
+
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun and not os.environ.get("LOWCOMM_COORDINATOR"):
+        # The slow cross-replica links carry one copy of the model per replica, not one per rank.
+        return connect(cfg.replica_size, hierarchical=cfg.hierarchical)
+    return connect(cfg.replica_size)
+
+
 def _say(text: str) -> None:
     print(text, flush=True)  # flushed: progress must show through pipes (torchrun, peers, the lab)
 
@@ -344,10 +303,9 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     from .models import GPT, GPTConfig
 
     cfg.validate()
+    setup = cfg.setup()
     if transport is None:
-        from .comm import connect
-
-        transport = connect(cfg.replica_size)  # flat sync; main() asks torchrun runs for the hierarchical one
+        transport = _connect(cfg)
     layout = _Layout(transport, cfg.replica_size)
     if every_member_logs:
         layout.chief = layout.leader
@@ -372,7 +330,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         stream = corpus.stream(layout.replica % cfg.data_shards, cfg.data_shards, cfg.batch_size, seed=cfg.seed)
     else:
         stream = corpus.stream(layout.replica, layout.n_replicas, cfg.batch_size, seed=cfg.seed)
-    eval_batches = corpus.eval_batches(max(1, min(cfg.batch_size, cfg.eval_sequences)), cfg.eval_sequences)
+    held_out = eval_batches(corpus, cfg.batch_size, cfg.eval_sequences)
 
     with _BUILD_LOCK:
         torch.manual_seed(cfg.seed)
@@ -386,12 +344,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         # Ordinary data parallelism inside the replica; DDP broadcasts the first rank's weights.
         fwd = DistributedDataParallel(model, process_group=layout.replica_group,
                                       device_ids=[device.index] if device.type == "cuda" else None)
-    inner_kind, peak_lr, knobs = _strategy_settings(cfg)
-    inner = _make_inner(inner_kind, [p for p in model.parameters() if p.requires_grad], peak_lr, cfg)
-    opt = get_strategy(cfg.strategy).build(inner, transport, model, **knobs)
-    if not isinstance(opt, OuterOptimizer):
-        raise ValueError(f"strategy {cfg.strategy!r} built a {type(opt).__name__}; a strategy must build a "
-                         f"lowcomm.OuterOptimizer")
+    opt = setup.build(model, transport, weight_decay=cfg.weight_decay, betas=cfg.betas)
 
     # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
     # Members of strategies that share global state hold the same one, which the joiner checks.
@@ -428,12 +381,11 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-    say(f"{cfg.name}: {cfg.strategy} ({inner_kind} lr {peak_lr:g}), {n_params / 1e6:.2f}M parameters, "
+    say(f"{cfg.name}: {cfg.strategy} ({setup.inner} lr {setup.lr:g}), {n_params / 1e6:.2f}M parameters, "
         f"{layout.n_replicas} replica(s) x {layout.replica_size} rank(s), {cfg.steps} steps of "
         f"{cfg.batch_size} x {m.seq_len} tokens per replica, on {device}")
 
     rows = cfg.batch_size // layout.replica_size
-    micro = rows // cfg.grad_accum
     lo = layout.replica_rank * rows
     amp = cfg.amp and device.type == "cuda"
     t_start = time.monotonic()
@@ -441,41 +393,21 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     t_log, tok_log = t_start, tokens
     sync_seconds = 0.0
     last_loss = float("nan")
-    params = [p for p in model.parameters() if p.requires_grad]
     final_eval = float("nan")
     timeline: list[list] = []
     while step < cfg.steps:
         if stop is not None and stop.is_set():
             say(f"stopping at step {step} (asked to)")
             break
-        lr = lr_at(cfg, peak_lr, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = setup.lr * lr_factor(step, steps=cfg.steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
+                                  min_lr_ratio=cfg.min_lr_ratio)
         t_step = time.monotonic()
         x, y = next(stream)
         x, y = x[lo:lo + rows].to(device), y[lo:lo + rows].to(device)
-        loss_sum = 0.0
-        for j in range(cfg.grad_accum):
-            xs, ys = x[j * micro:(j + 1) * micro], y[j * micro:(j + 1) * micro]
-            last = j == cfg.grad_accum - 1
-            ctx = fwd.no_sync() if (fwd is not model and not last) else contextlib.nullcontext()
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                _, loss = fwd(xs, ys)
-                # 1/A is a power of two for the usual A, so the accumulated gradient equals the
-                # mean over micro-batches exactly as DDP's mean over ranks does.
-                (loss / cfg.grad_accum).backward()
-            loss_sum += float(loss.detach())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        n_log = len(opt.sync_log)
-        t0 = time.monotonic()
-        t_fb = t0 - t_step
-        opt.step()
-        if step + 1 == cfg.steps:
-            opt.flush()  # land a sync still in flight (Streaming DiLoCo) before the final eval and exit
-        opt.zero_grad(set_to_none=True)
-        t_opt = time.monotonic() - t0
-        synced = len(opt.sync_log) != n_log
+        t_fetch = time.monotonic() - t_step
+        res = worker_step(model, opt, x, y, lr=lr, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, amp=amp,
+                          fwd=fwd, last=step + 1 == cfg.steps)
+        t_fb, t_opt, synced = t_fetch + res.compute_seconds, res.step_seconds, res.synced
         if synced:
             sync_seconds += t_opt
         timeline.append([t_fb, t_opt, synced])
@@ -488,7 +420,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             step = int(opt.local_step)
             stream.step = step
             tokens = step * cfg.batch_size * m.seq_len
-        last_loss = loss_sum / cfg.grad_accum
+        last_loss = res.loss
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.monotonic()
@@ -508,7 +440,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
                 writer.add_scalar("comm/failed_syncs", opt.failed_syncs, step)
         do_eval = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
         if do_eval and layout.chief:
-            ev = evaluate(model, eval_batches, device, amp)
+            ev = evaluate(model, held_out, device, amp)
             eval_curve.append((step, ev))
             final_eval = ev
             say(f"step {step}: held-out loss {ev:.4f}")
@@ -584,14 +516,7 @@ def main(args) -> int:
     apply_overrides(cfg, sets)
     transport = None
     try:
-        from .comm import connect
-
-        under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-        if under_torchrun and not os.environ.get("LOWCOMM_COORDINATOR"):
-            # The slow cross-replica links carry one copy of the model per replica, not one per rank.
-            transport = connect(cfg.replica_size, hierarchical=cfg.hierarchical)
-        else:
-            transport = connect(cfg.replica_size)
+        transport = _connect(cfg)
         train(cfg, transport=transport, resume=args.resume)
     finally:
         if transport is not None:
