@@ -55,7 +55,7 @@ def test_bytes_match_closed_form(strategy, syncs):
     W, steps = 3, 6
     proj = Projection(params=1e9, flops=1e15, mfu=0.5, tokens_per_step=1000)
     cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=3, eval_sequences=4,
-                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup=1, projection=proj)
+                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup_steps=1, projection=proj)
     r = run_strategy(strategy, cfg, {"sync_every": 3})
     P = r.params
     per_sync = allreduce_bytes(P, W)
@@ -140,7 +140,7 @@ def test_cli_end_to_end(tmp_path, request):
 def test_configured_step_seconds_replace_measured_compute():
     W, steps = 2, 4
     cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=4, eval_sequences=2,
-                    threads=1, bandwidths=(1e6,), latency=0.01, warmup=1, step_seconds=0.5)
+                    threads=1, bandwidths=(1e6,), latency=0.01, warmup_steps=1, step_seconds=0.5)
     r = run_strategy("diloco", cfg, {"sync_every": 2})
     assert r.compute_seconds == pytest.approx(steps * 0.5)
     net = Network(1e6, 0.01)
