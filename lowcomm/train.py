@@ -145,7 +145,6 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     ``attach`` (ZeroMQ) is given the model and optimizer, so a peer joining a run under way
     fetches the current state first. Returns this process's :class:`TrainResult`.
     """
-    from .data import Corpus, load_corpus
     from .models import GPT, GPTConfig
 
     cfg.validate()
@@ -164,19 +163,10 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     out_dir = cfg.out_dir or os.path.join("runs", cfg.name)
     say = progress if (progress is not None and layout.chief) else (lambda _s: None)
 
-    data = load_corpus(None if cfg.data == "stdlib" else cfg.data, cfg.vocab_size or None)
     m = cfg.model
-    vocab = m.vocab_size or data.vocab_size
-    if vocab < data.vocab_size:
-        raise ValueError(f"model.vocab_size {vocab} is smaller than the corpus's vocabulary {data.vocab_size}")
+    stream, held_out, vocab = _data(cfg, layout)
     mcfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, seq_len=m.seq_len,
                      dropout=m.dropout)
-    corpus = Corpus(data, m.seq_len)
-    if cfg.data_shards:
-        stream = corpus.stream(layout.replica % cfg.data_shards, cfg.data_shards, cfg.batch_size, seed=cfg.seed)
-    else:
-        stream = corpus.stream(layout.replica, layout.n_replicas, cfg.batch_size, seed=cfg.seed)
-    held_out = eval_batches(corpus, cfg.batch_size, cfg.eval_sequences)
 
     with _BUILD_LOCK:
         torch.manual_seed(cfg.seed)
@@ -321,6 +311,31 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         say(f"done: {step} steps, held-out loss {final_eval:.4f}, {sent / 1e6:.2f} MB sent, "
             f"{res.syncs} syncs ({res.failed_syncs} rolled back), {seconds:.1f} s")
     return res
+
+
+def _data(cfg: TrainConfig, layout: _Layout) -> tuple:
+    """This replica's batch stream (a ``StatefulDataLoader``), the held-out batches and the vocabulary size.
+
+    From the corpus (``cfg.data``), or from the recipe's own Dataset (``cfg.dataset``).
+    """
+    from .data import Corpus, ShardLoader, held_out_batches, load_corpus, load_dataset
+
+    shard, shards = ((layout.replica % cfg.data_shards, cfg.data_shards) if cfg.data_shards
+                     else (layout.replica, layout.n_replicas))
+    L = cfg.model.seq_len
+    if cfg.dataset:
+        train_ds = load_dataset(cfg.dataset, seq_len=L, split="train")
+        eval_ds = load_dataset(cfg.dataset, seq_len=L, split="eval")
+        return (ShardLoader(train_ds, shard, shards, cfg.batch_size, seed=cfg.seed),
+                held_out_batches(eval_ds, max(1, min(cfg.batch_size, cfg.eval_sequences)), cfg.eval_sequences),
+                cfg.model.vocab_size)
+    data = load_corpus(None if cfg.data == "stdlib" else cfg.data, cfg.vocab_size or None)
+    vocab = cfg.model.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+        raise ValueError(f"model.vocab_size {vocab} is smaller than the corpus's vocabulary {data.vocab_size}")
+    corpus = Corpus(data, L)
+    return (corpus.stream(shard, shards, cfg.batch_size, seed=cfg.seed),
+            eval_batches(corpus, cfg.batch_size, cfg.eval_sequences), vocab)
 
 
 def _save(cfg, out_dir, layout, model, opt, stream, step, tokens, sent, seconds, eval_curve) -> None:
