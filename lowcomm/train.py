@@ -42,7 +42,7 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
-from .loop import eval_batches, evaluate, lr_factor, worker_step
+from .loop import environment, eval_batches, evaluate, lr_factor, worker_step
 from .train_config import ModelConfig, TrainConfig, TrainResult, apply_overrides, load_recipe
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -306,11 +306,25 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"steps": res.steps, "tokens": res.tokens, "final_eval_loss": res.final_eval_loss,
                        "eval_curve": res.eval_curve, "bytes_sent": res.bytes_sent, "syncs": res.syncs,
-                       "failed_syncs": res.failed_syncs, "seconds": res.seconds, "last_train_loss": last_loss},
-                      f, indent=1)
+                       "failed_syncs": res.failed_syncs, "seconds": res.seconds, "last_train_loss": last_loss,
+                       "environment": environment()}, f, indent=1)
+        _write_report(cfg, out_dir, res)
         say(f"done: {step} steps, held-out loss {final_eval:.4f}, {sent / 1e6:.2f} MB sent, "
             f"{res.syncs} syncs ({res.failed_syncs} rolled back), {seconds:.1f} s")
     return res
+
+
+def _write_report(cfg: TrainConfig, out_dir: str, res: TrainResult) -> None:
+    """``report.html``: the run page (:mod:`lowcomm.web`) with the held-out loss curve and the run's figures."""
+    from .web import page_data, write_report
+
+    write_report(os.path.join(out_dir, "report.html"), page_data(
+        f"lowcomm train: {cfg.name}", f"{cfg.strategy}, {res.steps} steps",
+        summary=[("steps", res.steps), ("tokens", res.tokens), ("held-out loss", res.final_eval_loss),
+                 ("bytes sent", res.bytes_sent), ("syncs", res.syncs), ("rolled back", res.failed_syncs),
+                 ("seconds", round(res.seconds, 1))],
+        charts=[{"id": "loss", "title": "held-out loss", "x": "step", "y": "nats/token", "log_x": False,
+                 "lines": {cfg.strategy: [[s, v] for s, v in res.eval_curve]}}]))
 
 
 def _data(cfg: TrainConfig, layout: _Layout) -> tuple:

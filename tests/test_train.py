@@ -221,3 +221,6 @@ def test_recipe_with_its_own_dataset(tmp_path, monkeypatch):
     cfg.model.vocab_size = 50
     r = train(cfg)
     assert r.steps == 6 and math.isfinite(r.final_eval_loss) and r.final_eval_loss < math.log(50) + 0.5
+    doc = json.loads((tmp_path / "own" / "result.json").read_text())
+    assert doc["environment"]["threads"] >= 1 and doc["environment"]["torch"] == torch.__version__
+    assert 'id="data"' in (tmp_path / "own" / "report.html").read_text()

@@ -75,6 +75,13 @@ def report_data(runs: Sequence[RunResult], cfg: SimConfig) -> dict[str, Any]:
                  "lines": {n: [[max(p["bytes"], 1.0), p["eval_loss"]] for p in c] for n, c in curves.items()}}])
 
 
+def _environment_line() -> str:
+    from ..loop import environment
+
+    e = environment()
+    return f"(torch {e['torch']}, {e['threads']} thread(s), {e['cpu']}, Python {e['python']})"
+
+
 def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
     """The comparison table (one row per strategy), and the projection's if one was asked for."""
     if not runs:
@@ -88,7 +95,7 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
               else f"{cfg.step_seconds:g} s compute per step")
            + f" and {cfg.latency * 1e3:g} ms latency per round"
            + (f", links at {cfg.link_efficiency:.0%} of their rate" if cfg.link_efficiency != 1.0 else "")
-           + ")"]
+           + ")", _environment_line()]
     if any(r.projection for r in runs):
         pj = next(r.projection for r in runs if r.projection)
         header = ["strategy (PROJECTION)", "bytes/worker", "peak sync", *[f"time@{b}" for b in bws],
@@ -105,7 +112,10 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
 
 def write_results(path: str, runs: Sequence[RunResult], cfg: SimConfig, extra: dict[str, Any] | None = None) -> None:
     """``results.json``: the config and one entry per strategy under ``"runs"``."""
-    doc = {"config": cfg.to_dict(), "runs": [r.to_dict() for r in runs], **(extra or {})}
+    from ..loop import environment
+
+    doc = {"config": cfg.to_dict(), "environment": environment(), "runs": [r.to_dict() for r in runs],
+           **(extra or {})}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)
