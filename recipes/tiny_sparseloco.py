@@ -9,10 +9,12 @@ error buffer (decay 0.95), all-gathers the 64 largest entries of every 64x64 blo
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_diloco import config as _base  # noqa: E402
+from lowcomm.train import load_recipe
+
+
+def _base():
+    return load_recipe(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_diloco.py"))
 
 
 def config():

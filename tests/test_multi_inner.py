@@ -9,12 +9,17 @@ from _common import RNG_LOCK
 
 import lowcomm
 from lowcomm.comm.local import LocalTransport, LocalWorld
-from lowcomm.inner import make_inner, muon_split
+from lowcomm.loop import make_inner as _make_inner
+from lowcomm.loop import muon_split
 from lowcomm.models import GPT, GPTConfig
 from lowcomm.outer.multi import InnerOptimizers
 from lowcomm.sim import SimConfig, run_strategy
 
 TINY = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=16, vocab_size=32)
+
+
+def make_inner(model, kind, lr, weight_decay=0.1):
+    return _make_inner(kind, list(model.parameters()), lr, weight_decay=weight_decay, model=model)
 
 
 def world_of_one():
@@ -59,8 +64,8 @@ def test_muon_split_of_the_gpt():
     assert [type(o) for o in inner] == [torch.optim.Muon, torch.optim.AdamW]
     assert inner[0].param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     with pytest.raises(ValueError, match="needs the model"):
-        make_inner(list(m.parameters()), "muon", 1e-3)
-    with pytest.raises(ValueError, match="one of"):
+        _make_inner("muon", list(m.parameters()), 1e-3)
+    with pytest.raises(ValueError, match="unknown inner optimizer"):
         make_inner(m, "lion", 1e-3)
 
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,13 +122,17 @@ class SyncUnit:
 
 @dataclass
 class PendingSync:
-    """A launched, not yet finished sync."""
+    """A launched, not yet finished sync (``unit`` None for a strategy without global copies, e.g. DeMo)."""
 
-    unit: SyncUnit
+    unit: SyncUnit | None
     handle: Handle
     buffers: list[torch.Tensor]
     launch_step: int
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The synced unit's name in ``sync_log`` ("all" for the whole model)."""
+        return "all" if self.unit is None else self.unit.name
 
 
 @dataclass
@@ -315,7 +319,7 @@ class OuterOptimizer(torch.optim.Optimizer):
             return False
         apply(pending)
         self.sync_count += 1
-        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], True))
         self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
@@ -325,11 +329,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
         (rollback or (lambda p: p.unit.reset_locals()))(pending)
         self.failed_syncs += 1
-        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], False,
                                         str(err)))
         log.warning("sync of %s launched at step %d failed and was rolled back: %s",
-                    pending.unit.name, pending.launch_step, err)
+                    pending.name, pending.launch_step, err)
         try:
             self.transport.refresh()
         except CommError as e2:  # membership could not be refreshed now; the next sync will tell

@@ -51,6 +51,7 @@ buffer (2P fp32), and per sync the kept entries (about 1.5% of P) of every membe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,9 +59,9 @@ import torch
 from ..comm.base import CommError, Handle, Transport
 from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
-from .registry import register_strategy
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["SparseLoCo"]
+__all__ = ["SparseLoCo", "SparseLoCoConfig"]
 
 
 class SparseLoCo(OuterOptimizer):
@@ -191,13 +192,24 @@ class SparseLoCo(OuterOptimizer):
                 f"payload={self.payload_bytes()} B)")
 
 
-def _build(inner, transport, model=None, *, sync_every: int = 30, outer_lr: float = 0.6, decay: float = 0.95,
-           topk: int = 64, chunk: int = 64, bins: int | None = 4, quant_range: float = 6.0) -> SparseLoCo:
-    return SparseLoCo(inner, transport=transport, sync_every=sync_every, outer_lr=outer_lr, decay=decay,
-                      topk=topk, chunk=chunk, bins=bins, quant_range=quant_range)
+@dataclass
+class SparseLoCoConfig(StrategyConfig):
+    """SparseLoCo's knobs (defaults: templar's hparams, arXiv 2508.15706)."""
+
+    sync_every: int = 30  # H, inner steps between syncs
+    outer_lr: float = 0.6  # alpha: phi -= alpha * mean of the decoded sparse pseudo-gradients
+    decay: float = 0.95  # beta, the error buffer's decay
+    topk: int = 64  # entries kept per chunk (64 of a 64x64 block: 1.56%)
+    chunk: int = 64  # target chunk edge
+    bins: int | None = 4  # quantisation levels of the kept values (4: 2 bits; None: fp32)
+    quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
+
+    def build(self, inner, transport, model=None) -> SparseLoCo:
+        return SparseLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
+                          decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
+                          quant_range=self.quant_range)
 
 
-register_strategy("sparseloco", _build, {"sync_every": 30, "outer_lr": 0.6, "decay": 0.95, "topk": 64, "chunk": 64,
-                                         "bins": 4, "quant_range": 6.0},
+register_strategy("sparseloco", SparseLoCoConfig,
                   "SparseLoCo: every H steps, all-gather the top-k of each chunk of the error-fed pseudo-gradient, "
                   "2-bit values; phi -= alpha * mean")
