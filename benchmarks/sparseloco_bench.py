@@ -66,7 +66,7 @@ class Runs:
                 print(f"  {name} {overrides} W={workers} {steps} steps: {r['loss']:.4f} (from {self.path})", flush=True)
                 return r
         cfg = SimConfig(workers=workers, steps=steps, batch_size=batch, seed=self.a.seed,
-                        model=TINY_MODEL if self.a.tiny else DEFAULT_MODEL, warmup=max(1, steps // 15),
+                        model=TINY_MODEL if self.a.tiny else DEFAULT_MODEL, warmup_steps=max(1, steps // 15),
                         eval_every=max(1, steps // 4), eval_sequences=4 if self.a.tiny else 64,
                         threads=self.a.threads)
         t0 = time.monotonic()

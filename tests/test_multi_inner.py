@@ -163,8 +163,9 @@ def test_overlapping_or_non_matrix_parameters_raise_value_error_naming_them():
 
 
 def test_muloco_in_the_simulator():
-    cfg = SimConfig(workers=2, steps=4, batch_size=2, model=TINY, eval_every=4, eval_sequences=2, threads=1, warmup=1)
+    cfg = SimConfig(workers=2, steps=4, batch_size=2, model=TINY, eval_every=4, eval_sequences=2, threads=1,
+                    warmup_steps=1)
     r = run_strategy("muloco", cfg, {"sync_every": 2})
     assert r.syncs == 2 and math.isfinite(r.final_eval_loss)
     s = lowcomm.get_strategy("muloco")
-    assert s.defaults["inner"] == "muon" and not s.default_run
+    assert s.config.inner == "muon" and not s.default_run and s.defaults == lowcomm.get_strategy("diloco").defaults

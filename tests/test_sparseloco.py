@@ -335,8 +335,11 @@ def test_bad_arguments_raise_value_error():
 
 def test_registered_for_the_simulator():
     s = lowcomm.get_strategy("sparseloco")
-    assert s.default_run and s.defaults["sync_every"] == 30 and s.defaults["topk"] == 64
+    assert s.default_run and s.config.inner is None  # the loop's default inner optimizer: AdamW
+    assert s.defaults == {"sync_every": 30, "outer_lr": 0.6, "decay": 0.95, "topk": 64, "chunk": 64, "bins": 4,
+                          "quant_range": 6.0}
     m = make_model()
-    knobs = {k: v for k, v in s.defaults.items() if k not in ("inner", "lr")}
-    opt = s.build(torch.optim.AdamW(m.parameters(), lr=1e-3), world_of_one(), model=m, **knobs)
+    opt = s.make_config({"bins": "none", "topk": "32"}).build(torch.optim.AdamW(m.parameters(), lr=1e-3),
+                                                              world_of_one(), m)
     assert isinstance(opt, lowcomm.SparseLoCo) and opt.outer_lr == 0.6 and opt.decay == 0.95
+    assert opt.codec.bins is None and opt.topk == 32
