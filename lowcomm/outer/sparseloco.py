@@ -6,7 +6,10 @@ Every ``sync_every`` (H) inner steps, on each worker r, with ``phi`` the global 
 1. error feedback: ``e_r <- beta * e_r + Delta_r`` (fp32, one buffer per parameter);
 2. ``S_r = Q(TopK_chunk(e_r))``: the ``k`` largest-magnitude entries of every chunk (chunks as
    DeMo cuts them, without the DCT: 64x64 blocks of a 2-D weight, pieces of <= 64 of a vector),
-   values quantised to 2 bits (:mod:`lowcomm.sparse` has the wire format and the exact scale);
+   values quantised to 2 bits: per tensor, 4 equal bins over the kept values' mean +- 3 standard
+   deviations (bin width 1.5 std; templar's ``quantization_range`` 6 spread over its 4 bins, values
+   outside fall into the outer bins), and the scale sent is a table of 4 fp32 levels per tensor,
+   each the mean of the values in its bin (:mod:`lowcomm.sparse` has the wire format and bounds);
 3. ``e_r <- e_r - decode(S_r)``: what was sent, as the receivers decode it;
 4. one all-gather of the ``S_r``; every worker decodes every payload in member order and sums
    them in that order into one fp32 accumulator, so all replicas get the same bits;
@@ -22,11 +25,12 @@ all-gathers send it to each of the W-1 peers.
 Where this differs from templar (``src/tplr/neurons.py``, ``prepare_gradient_dict`` and
 ``outer_step``), and why:
 
-* templar's buffer takes ``alpha * Delta`` (``error_feedback.add_(grad, alpha=lr)``) and its
-  outer step applies the aggregate unscaled; lowcomm keeps ``Delta`` in the buffer and applies
-  ``alpha`` to the aggregate, as the paper writes it. Top-k selection and the quantiser are
-  scale-equivariant, so this is the same update up to rounding, and ``alpha`` can change without
-  rescaling the saved buffer.
+* templar scales the pseudo-gradient by ``alpha`` as it enters the buffer
+  (``error_feedback.add_(grad, alpha=lr)``) and hands the aggregate to its outer optimizer;
+  lowcomm keeps ``Delta`` in the buffer and applies ``alpha`` to the aggregate, as the paper
+  writes it. Top-k selection and the quantiser are scale-equivariant, so with an outer step of
+  lr 1 this is the same update up to rounding, and ``alpha`` can change without rescaling the
+  saved buffer.
 * templar aggregates with a scatter-mean over the peers that selected each entry (each entry
   divided by its own count) after clipping every peer's contribution to the median norm; lowcomm
   divides the sum by W, which is the mean of the sparse pseudo-gradients the paper's update uses,
