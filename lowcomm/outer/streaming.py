@@ -107,14 +107,18 @@ class StreamingDiLoCo(OuterOptimizer):
         self.units = [SyncUnit(g, factory, name=f"fragment{i}") for i, g in enumerate(groups)]
         sizes = [sum(p.numel() for p in g) for g in groups]
         self.fragment_sizes = sizes
-        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused.
-        self._buf = torch.zeros(max(sizes))
+        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, on
+        # the parameters' device (fragments span one device: split_fragments groups the model's blocks).
+        dev = self.params[0].device
+        if any(q.device != dev for q in self.params):
+            raise ValueError("StreamingDiLoCo needs every parameter on one device (its in-flight buffer is shared)")
+        self._buf = torch.zeros(max(sizes), device=dev)
         self._ef: list[ErrorFeedback] | None = None
         if error_feedback:
             if self.codec is None:
                 raise ValueError("error_feedback needs a lossy codec (e.g. codec='e3m0'); with fp32 there is no error")
-            self._ef = [ErrorFeedback(self.codec, n) for n in sizes]
-            self._ef_pending = torch.zeros(max(sizes))
+            self._ef = [ErrorFeedback(self.codec, n, device=dev) for n in sizes]
+            self._ef_pending = torch.zeros(max(sizes), device=dev)
         self._pending: PendingSync | None = None
         self._pending_fragment = -1
 
