@@ -424,12 +424,20 @@ class ErrorFeedback:
         return pending
 
     def commit(self) -> None:
+        """The sync succeeded: the pending residual becomes the carried error."""
         if self._pending is not None:
             self.error.copy_(self._pending)
             self._pending = None
 
     def discard(self) -> None:
+        """The sync failed: keep the old carried error."""
         self._pending = None
+
+    def set_pending(self, pending: torch.Tensor) -> None:
+        """Make ``pending`` (a residual saved with a sync in flight, e.g. from a checkpoint) the pending one."""
+        if pending.numel() != self.numel:
+            raise ValueError(f"error feedback holds {self.numel} values, got a pending residual of {pending.numel()}")
+        self._pending = pending.reshape(-1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"error": self.error}

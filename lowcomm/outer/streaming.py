@@ -198,11 +198,13 @@ class StreamingDiLoCo(OuterOptimizer):
             torch._foreach_mul_(unit.params, self.alpha)
             torch._foreach_add_(unit.params, unit.anchors, alpha=1.0 - self.alpha)
         if self._ef is not None:
-            self._ef[p].error.copy_(self._ef_pending[:self.fragment_sizes[p]])
+            self._ef[p].commit()  # the error of what was sent becomes the carried error
 
     def _rollback(self, pending: PendingSync, p: int) -> None:
         # This fragment alone: its locals return to its global weights; outer and error state stay.
         pending.unit.reset_locals()
+        if self._ef is not None:
+            self._ef[p].discard()
 
     # ---- state ------------------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:
@@ -245,6 +247,7 @@ class StreamingDiLoCo(OuterOptimizer):
             self._buf[:n].copy_(pend["reduced"])
             if self._ef is not None:
                 self._ef_pending[:n].copy_(pend["ef_pending"])
+                self._ef[p].set_pending(self._ef_pending[:n])
             handle = _failed_handle(pend["failed"]) if pend["failed"] else Handle.completed(None)
             self._pending = PendingSync(self.units[p], handle, [self._buf[:n]], int(pend["launch_step"]))
             self._pending_fragment = p
