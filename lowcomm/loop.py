@@ -209,3 +209,23 @@ def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch
         count += x.numel()
     model.train(was)
     return total / max(1, count)
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers of a run depend on besides its config: torch's version and threads, the CPU, Python.
+
+    Losses are bitwise repeatable on one machine with one thread count; another CPU (its vector
+    instructions choose other matmul kernels) or another thread count changes the last bits of
+    the float arithmetic, and DeMo's sign() update turns those into a visibly different run (the
+    README states the tolerance).
+    """
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "python": platform.python_version()}

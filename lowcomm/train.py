@@ -42,7 +42,7 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
-from .loop import eval_batches, evaluate, lr_factor, worker_step
+from .loop import environment, eval_batches, evaluate, lr_factor, worker_step
 from .train_config import ModelConfig, TrainConfig, TrainResult, apply_overrides, load_recipe
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -145,7 +145,6 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     ``attach`` (ZeroMQ) is given the model and optimizer, so a peer joining a run under way
     fetches the current state first. Returns this process's :class:`TrainResult`.
     """
-    from .data import Corpus, load_corpus
     from .models import GPT, GPTConfig
 
     cfg.validate()
@@ -164,19 +163,10 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     out_dir = cfg.out_dir or os.path.join("runs", cfg.name)
     say = progress if (progress is not None and layout.chief) else (lambda _s: None)
 
-    data = load_corpus(None if cfg.data == "stdlib" else cfg.data, cfg.vocab_size or None)
     m = cfg.model
-    vocab = m.vocab_size or data.vocab_size
-    if vocab < data.vocab_size:
-        raise ValueError(f"model.vocab_size {vocab} is smaller than the corpus's vocabulary {data.vocab_size}")
+    stream, held_out, vocab = _data(cfg, layout)
     mcfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, seq_len=m.seq_len,
                      dropout=m.dropout)
-    corpus = Corpus(data, m.seq_len)
-    if cfg.data_shards:
-        stream = corpus.stream(layout.replica % cfg.data_shards, cfg.data_shards, cfg.batch_size, seed=cfg.seed)
-    else:
-        stream = corpus.stream(layout.replica, layout.n_replicas, cfg.batch_size, seed=cfg.seed)
-    held_out = eval_batches(corpus, cfg.batch_size, cfg.eval_sequences)
 
     with _BUILD_LOCK:
         torch.manual_seed(cfg.seed)
@@ -316,11 +306,50 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"steps": res.steps, "tokens": res.tokens, "final_eval_loss": res.final_eval_loss,
                        "eval_curve": res.eval_curve, "bytes_sent": res.bytes_sent, "syncs": res.syncs,
-                       "failed_syncs": res.failed_syncs, "seconds": res.seconds, "last_train_loss": last_loss},
-                      f, indent=1)
+                       "failed_syncs": res.failed_syncs, "seconds": res.seconds, "last_train_loss": last_loss,
+                       "environment": environment()}, f, indent=1)
+        _write_report(cfg, out_dir, res)
         say(f"done: {step} steps, held-out loss {final_eval:.4f}, {sent / 1e6:.2f} MB sent, "
             f"{res.syncs} syncs ({res.failed_syncs} rolled back), {seconds:.1f} s")
     return res
+
+
+def _write_report(cfg: TrainConfig, out_dir: str, res: TrainResult) -> None:
+    """``report.html``: the run page (:mod:`lowcomm.web`) with the held-out loss curve and the run's figures."""
+    from .web import page_data, write_report
+
+    write_report(os.path.join(out_dir, "report.html"), page_data(
+        f"lowcomm train: {cfg.name}", f"{cfg.strategy}, {res.steps} steps",
+        summary=[("steps", res.steps), ("tokens", res.tokens), ("held-out loss", res.final_eval_loss),
+                 ("bytes sent", res.bytes_sent), ("syncs", res.syncs), ("rolled back", res.failed_syncs),
+                 ("seconds", round(res.seconds, 1))],
+        charts=[{"id": "loss", "title": "held-out loss", "x": "step", "y": "nats/token", "log_x": False,
+                 "lines": {cfg.strategy: [[s, v] for s, v in res.eval_curve]}}]))
+
+
+def _data(cfg: TrainConfig, layout: _Layout) -> tuple:
+    """This replica's batch stream (a ``StatefulDataLoader``), the held-out batches and the vocabulary size.
+
+    From the corpus (``cfg.data``), or from the recipe's own Dataset (``cfg.dataset``).
+    """
+    from .data import Corpus, ShardLoader, held_out_batches, load_corpus, load_dataset
+
+    shard, shards = ((layout.replica % cfg.data_shards, cfg.data_shards) if cfg.data_shards
+                     else (layout.replica, layout.n_replicas))
+    L = cfg.model.seq_len
+    if cfg.dataset:
+        train_ds = load_dataset(cfg.dataset, seq_len=L, split="train")
+        eval_ds = load_dataset(cfg.dataset, seq_len=L, split="eval")
+        return (ShardLoader(train_ds, shard, shards, cfg.batch_size, seed=cfg.seed),
+                held_out_batches(eval_ds, max(1, min(cfg.batch_size, cfg.eval_sequences)), cfg.eval_sequences),
+                cfg.model.vocab_size)
+    data = load_corpus(None if cfg.data == "stdlib" else cfg.data, cfg.vocab_size or None)
+    vocab = cfg.model.vocab_size or data.vocab_size
+    if vocab < data.vocab_size:
+        raise ValueError(f"model.vocab_size {vocab} is smaller than the corpus's vocabulary {data.vocab_size}")
+    corpus = Corpus(data, L)
+    return (corpus.stream(shard, shards, cfg.batch_size, seed=cfg.seed),
+            eval_batches(corpus, cfg.batch_size, cfg.eval_sequences), vocab)
 
 
 def _save(cfg, out_dir, layout, model, opt, stream, step, tokens, sent, seconds, eval_curve) -> None:

@@ -56,6 +56,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = "stdlib"  # text file/folder, "stdlib" (default corpus), or a uint16 token file/folder
     vocab_size: int = 0  # >0: `data` holds uint16 token files with this vocabulary
+    # "module:Name": your own torch Dataset class or factory, called with seq_len= and split="train"|"eval"
+    # (items: seq_len + 1 token ids, or an (inputs, targets) pair); replaces `data`; needs model.vocab_size.
+    dataset: str = ""
     data_shards: int = 0  # disjoint data shards (0: one per replica); volunteers take shard member_id % data_shards
     eval_every: int = 50  # held-out evaluation every N steps (0: only at the end)
     eval_sequences: int = 32  # held-out sequences per evaluation
@@ -87,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.dataset and not self.model.vocab_size:
+            raise ValueError("a recipe's own dataset needs model.vocab_size (its tokenizer's vocabulary size)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.setup()  # knob names and types, the inner optimizer's name

@@ -144,8 +144,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
         progress=None, lr_given: bool = False) -> list[RunResult]:
     """Run every strategy in ``names`` on ``cfg`` and write the outputs into ``out``."""
+    from ..web import write_report
     from .report import plot as write_plot
-    from .report import write_results
+    from .report import report_data, write_results
 
     if knobs:
         known = {k for n in names for k in get_strategy(n).knob_names()} | set(INNER_KEYS)
@@ -176,6 +177,8 @@ def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None
     if out and plot and runs:
         write_plot(os.path.join(out, "loss.png"), runs,
                    f"{cfg.workers} workers, {cfg.steps} steps each, {runs[0].params:,}-parameter GPT")
+    if out and runs:
+        write_report(os.path.join(out, "report.html"), report_data(runs, cfg))
     return runs
 
 
