@@ -171,18 +171,10 @@ class P2PTransport(Transport):
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
-            flat = _flatten(tensors, range(len(tensors)), torch.float32)
+            idxs = list(range(len(tensors)))
+            flat = _flatten(tensors, idxs, torch.float32)
             self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
-
-            def finish_q():
-                off = 0
-                with torch.no_grad():
-                    for t in tensors:
-                        n = t.numel()
-                        t.copy_(flat[off:off + n].view(t.shape))
-                        off += n
-                return tensors
-            return finish_q
+            return _write_back([(flat, idxs)], tensors)
 
         return self._start("all_reduce", members, body)
 

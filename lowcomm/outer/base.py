@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,19 +194,14 @@ class OuterOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears twice in the inner optimizer's param_groups")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        # torch's own initialisation (hook registries, step patching, ...). The param_groups, state
+        # and defaults it assigns are properties forwarding to the inner optimizer (so schedulers and
+        # hooks act on the inner groups, even after inner.load_state_dict); until ``self.inner`` is
+        # set those assignments are dropped, and the inner optimizer keeps its own.
+        super().__init__(inner.param_groups, inner.defaults)
         self.inner = inner
         self.strict = bool(strict)
         self.timeout = timeout
-        # param_groups / state / defaults are properties that forward to the inner optimizer,
-        # so schedulers and hooks act on the inner groups even after inner.load_state_dict.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
         self.local_step = 0  # inner steps taken
         self.sync_count = 0  # syncs committed
         self.failed_syncs = 0  # syncs rolled back
@@ -223,7 +217,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
+        if "inner" in self.__dict__:  # not while torch's __init__ runs (see __init__)
+            self.inner.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
@@ -232,7 +227,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.inner.state = value
+        if "inner" in self.__dict__:
+            self.inner.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
@@ -240,7 +236,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
+        if "inner" in self.__dict__:
+            self.inner.defaults = value
 
     @property
     def inners(self) -> list[torch.optim.Optimizer]:
@@ -263,6 +260,8 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "inner" not in self.__dict__:  # torch's __init__ adding the inner optimizer's own groups
+            return
         raise ValueError("add parameter groups to the inner optimizer before wrapping it in a lowcomm optimizer")
 
     def __repr__(self) -> str:
@@ -343,16 +342,38 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     # ---- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Inner state, global parameters, outer state and counters (tensors are references, as in torch)."""
-        return {
+        """Inner state, global parameters, outer state and counters (tensors are references, as in torch).
+
+        Hooks registered with ``register_state_dict_pre_hook``/``_post_hook`` run as in torch: the
+        pre-hooks before, the post-hooks after, each post-hook may return a replacement dict.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = {
             "inner": [o.state_dict() for o in self.inners],
             "units": [u.state_dict() for u in self.units],
             "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result; load-state-dict pre/post hooks run as in torch."""
+        state_dict = dict(state_dict)  # shallow copy, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"inner", "units", "counters"} - set(state_dict)
         if missing:
             raise ValueError(f"not a lowcomm optimizer state_dict (missing {sorted(missing)}); "

@@ -256,10 +256,10 @@ class DeMo(OuterOptimizer):
 
     def payload_bytes(self) -> int:
         """Bytes of one worker's payload (what it sends to each peer every step)."""
-        idx = sum(n * torch.empty((), dtype=dt).element_size() for dt, n in self._idx_groups)
+        idx = sum(n * dt.itemsize for dt, n in self._idx_groups)
         if self.values == "sign":
             return idx + -(-self._nvalues // 8) + 2 * self._nchunks
-        return idx + self._nvalues * torch.empty((), dtype=self._val_dtype).element_size()
+        return idx + self._nvalues * self._val_dtype.itemsize
 
     # ---- the step ----------------------------------------------------------------------------------
     def step(self, closure: Any = None) -> Any:

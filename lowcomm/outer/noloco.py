@@ -96,7 +96,7 @@ def noloco_groups(members: Sequence[int], group_size: int, seed: int, sync_round
     if not ids:
         raise ValueError("noloco_groups needs at least one member")
     g = torch.Generator().manual_seed(_round_seed(seed, sync_round))
-    perm = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+    perm = [ids[i] for i in torch.randperm(len(ids), generator=g, device="cpu").tolist()]
     k = max(1, len(perm) // group_size)
     groups = [perm[j * group_size:(j + 1) * group_size] for j in range(k)]
     groups[-1].extend(perm[k * group_size:])  # remainder joins the last group

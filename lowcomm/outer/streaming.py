@@ -107,14 +107,18 @@ class StreamingDiLoCo(OuterOptimizer):
         self.units = [SyncUnit(g, factory, name=f"fragment{i}") for i, g in enumerate(groups)]
         sizes = [sum(p.numel() for p in g) for g in groups]
         self.fragment_sizes = sizes
-        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused.
-        self._buf = torch.zeros(max(sizes))
+        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, on
+        # the parameters' device (fragments span one device: split_fragments groups the model's blocks).
+        dev = self.params[0].device
+        if any(q.device != dev for q in self.params):
+            raise ValueError("StreamingDiLoCo needs every parameter on one device (its in-flight buffer is shared)")
+        self._buf = torch.zeros(max(sizes), device=dev)
         self._ef: list[ErrorFeedback] | None = None
         if error_feedback:
             if self.codec is None:
                 raise ValueError("error_feedback needs a lossy codec (e.g. codec='e3m0'); with fp32 there is no error")
-            self._ef = [ErrorFeedback(self.codec, n) for n in sizes]
-            self._ef_pending = torch.zeros(max(sizes))
+            self._ef = [ErrorFeedback(self.codec, n, device=dev) for n in sizes]
+            self._ef_pending = torch.zeros(max(sizes), device=dev)
         self._pending: PendingSync | None = None
         self._pending_fragment = -1
 
@@ -194,11 +198,13 @@ class StreamingDiLoCo(OuterOptimizer):
             torch._foreach_mul_(unit.params, self.alpha)
             torch._foreach_add_(unit.params, unit.anchors, alpha=1.0 - self.alpha)
         if self._ef is not None:
-            self._ef[p].error.copy_(self._ef_pending[:self.fragment_sizes[p]])
+            self._ef[p].commit()  # the error of what was sent becomes the carried error
 
     def _rollback(self, pending: PendingSync, p: int) -> None:
         # This fragment alone: its locals return to its global weights; outer and error state stay.
         pending.unit.reset_locals()
+        if self._ef is not None:
+            self._ef[p].discard()
 
     # ---- state ------------------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:
@@ -241,6 +247,7 @@ class StreamingDiLoCo(OuterOptimizer):
             self._buf[:n].copy_(pend["reduced"])
             if self._ef is not None:
                 self._ef_pending[:n].copy_(pend["ef_pending"])
+                self._ef[p].set_pending(self._ef_pending[:n])
             handle = _failed_handle(pend["failed"]) if pend["failed"] else Handle.completed(None)
             self._pending = PendingSync(self.units[p], handle, [self._buf[:n]], int(pend["launch_step"]))
             self._pending_fragment = p
