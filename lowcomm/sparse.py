@@ -188,14 +188,14 @@ class TopKCodec:
                     continue
                 c = max(1, self.shapes[i].numel()) // g.n
                 val_start[i] = nval
-                tid.append(torch.full((c * g.k,), i, dtype=torch.int64))
-                rows = self.offsets[i] + g.n * torch.arange(c, dtype=torch.int64)
+                tid.append(torch.full((c * g.k,), i, dtype=torch.int64, device=self.device))
+                rows = self.offsets[i] + g.n * torch.arange(c, dtype=torch.int64, device=self.device)
                 row_base.append(rows.repeat_interleave(g.k))
                 nval += c * g.k
         self.nvalues = nval
         self._val_start = val_start
-        self._tid = torch.cat(tid).to(self.device)
-        self._row_base = torch.cat(row_base).to(self.device)
+        self._tid = torch.cat(tid)
+        self._row_base = torch.cat(row_base)
         self.index_bits = sum(g.rows * g.k * g.bits for g in self.groups)
 
     # ---- layout ----------------------------------------------------------------------------------
