@@ -19,6 +19,10 @@ Summation order (what makes results bit-identical):
   member, the owner included, keeps ``decode(encode(result))``.
 * ``group_reduce`` sends the whole tensor to each other group member; each member sums in
   sorted member-id order in fp32, so the group agrees bit for bit.
+* ``all_reduce(..., aggregate=rule)`` with a rule other than ``"mean"`` flattens to fp32 and
+  runs :func:`lowcomm.comm.robust.robust_reduce` (the owner aggregates its shard with the rule;
+  see :mod:`lowcomm.comm.aggregate`). Concrete transports declare the rules they serve in
+  :attr:`P2PTransport.aggregate_rules`.
 
 Results are assembled in scratch buffers and written into the caller's tensors only after
 the commit round agrees that the operation succeeded everywhere, so a failed operation
@@ -29,12 +33,13 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from .aggregate import get_aggregate
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
 
 __all__ = ["P2PTransport", "shard_bounds"]
@@ -121,6 +126,18 @@ class P2PTransport(Transport):
     def _on_op_start(self, seq: int) -> None:  # noqa: B027 - hook for fault injection
         """Called in the communication thread when operation ``seq`` starts."""
 
+    # Hooks of the simulator (the local transport overrides them); identity / no-op here.
+    def _contribution(self, seq: Any, members: Sequence[int], flat: torch.Tensor) -> torch.Tensor:
+        """What this member contributes to an all-reduce of ``flat`` (simulated attackers change it)."""
+        return flat
+
+    def _owner_result(self, seq: Any, result: torch.Tensor) -> torch.Tensor:
+        """What this member, as the owner of a shard, returns for ``result`` (a simulated liar changes it)."""
+        return result
+
+    def _on_screen(self, seq: Any, members: Sequence[int], screen: Any, parts: list[torch.Tensor]) -> None:  # noqa: B027
+        """A robust rule screened this owner's shard (offences with the received pieces as evidence)."""
+
     # ---- plumbing ----------------------------------------------------------------------
     def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
         seq = self._seq
@@ -162,10 +179,25 @@ class P2PTransport(Transport):
         return members
 
     # ---- operations --------------------------------------------------------------------
-    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
+    aggregate_rules: tuple[str, ...] = ("mean",)
+    """Aggregation rules ``all_reduce(aggregate=...)`` serves (a transport that can, lists them all)."""
+
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None,
+                   aggregate: Any = None, center: Sequence[torch.Tensor] | None = None) -> Handle:
+        """See :meth:`Transport.all_reduce`; ``aggregate`` a rule (name, dict or
+        :class:`~lowcomm.comm.aggregate.Aggregate`), ``center`` the previous aggregate for
+        ``"centered_clip"`` (same shapes as ``tensors``; None = zero)."""
         _check_op(op)
         tensors = list(tensors)
         members = self._members_or_raise()
+        agg = get_aggregate(aggregate)
+        if agg.robust:
+            if agg.rule not in self.aggregate_rules:
+                raise ValueError(f"{type(self).__name__} cannot aggregate with {agg.rule!r} "
+                                 f"(it serves {self.aggregate_rules})")
+            if op != "mean":
+                raise ValueError(f"aggregate={agg.rule!r} needs op='mean', got {op!r}")
+            agg.check_world(len(members))
         if codec is not None:
             from ..codecs import get_codec
 
@@ -176,16 +208,25 @@ class P2PTransport(Transport):
         def body(seq, rec, members, deadline):
             me = members.index(self.rank)
             w = len(members)
-            if codec is None:
+            if codec is None and not agg.robust:
                 flats = []
                 for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
-                    flat = _flatten(tensors, idxs, dtype)
+                    flat = self._contribution((seq, gi), members, _flatten(tensors, idxs, dtype))
                     self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
-            flat = _flatten(tensors, range(len(tensors)), torch.float32)
-            self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
+            flat = self._contribution((seq, 0), members, _flatten(tensors, range(len(tensors)), torch.float32))
+            if agg.robust:
+                from .robust import robust_reduce
+
+                c = None if center is None else _flatten(list(center), range(len(tensors)), torch.float32)
+                robust_reduce(self, seq, rec, members, me, flat, agg, codec, c, deadline,
+                              shard_bounds(flat.numel(), w),
+                              on_screen=lambda scr, parts: self._on_screen(seq, members, scr, parts),
+                              owner_result=lambda r: self._owner_result(seq, r))
+            else:
+                self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
 
             def finish_q():
                 off = 0
@@ -217,7 +258,7 @@ class P2PTransport(Transport):
                 acc.add_(part)
         if op == "mean":
             acc.div_(w)
-        mine = acc.to(flat.dtype)
+        mine = self._owner_result(seq, acc.to(flat.dtype))
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "ag", gi), [mine], rec)
@@ -251,7 +292,7 @@ class P2PTransport(Transport):
                 acc.add_(part)
         if op == "mean":
             acc.div_(w)
-        result = codec.encode(acc)
+        result = codec.encode(self._owner_result(seq, acc))
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "qag"), result, rec)
@@ -274,7 +315,16 @@ class P2PTransport(Transport):
 
         return self._start("all_gather", members, body)
 
-    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
+    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean",
+                     check: Callable[[dict[int, list[torch.Tensor]]], None] | None = None) -> Handle:
+        """See :meth:`Transport.group_reduce`.
+
+        ``check(tensors_by_member)``, when given, is called inside the operation with every group
+        member's tensors as received (``{member id: [flat tensor per dtype group]}``, this member's
+        own included) before the commit vote; a :class:`CommError` it raises fails the exchange
+        for the whole group (every member rolls back), so it can reject a member (NoLoCo's partner
+        screening) and name it.
+        """
         _check_op(op)
         group = sorted(set(int(g) for g in group))
         if self.rank not in group:
@@ -284,8 +334,9 @@ class P2PTransport(Transport):
 
         def body(seq, rec, group, deadline):
             flats = []
+            received: dict[int, list[torch.Tensor]] = {peer: [] for peer in group}
             for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
-                flat = _flatten(tensors, idxs, dtype)
+                flat = self._contribution((seq, gi), group, _flatten(tensors, idxs, dtype))
                 for peer in group:
                     if peer != self.rank:
                         self._send(peer, (seq, "grp", gi), [flat], rec)
@@ -295,6 +346,7 @@ class P2PTransport(Transport):
                     if part.numel() != flat.numel():
                         raise CommError(f"group_reduce: member {peer} sent {part.numel()} elements, "
                                         f"expected {flat.numel()}")
+                    received[peer].append(part)
                     if acc is None:
                         acc = part.to(torch.float32, copy=True)
                     else:
@@ -302,7 +354,8 @@ class P2PTransport(Transport):
                 if op == "mean":
                     acc.div_(len(group))
                 flats.append((acc.to(dtype), idxs))
-
+            if check is not None:
+                check(received)
             return _write_back(flats, tensors)
 
         return self._start("group_reduce", group, body)

@@ -1,0 +1,205 @@
+"""Robust aggregation: closed forms of each rule, the transport's bits, offences and ejection."""
+
+import math
+
+import pytest
+import torch
+
+from lowcomm.comm.adversary import Adversary, alie_z
+from lowcomm.comm.aggregate import RULES, Aggregate, aggregate, get_aggregate
+from lowcomm.comm.local import LocalWorld, run_local
+
+
+def vecs(*rows):
+    return [torch.tensor(r, dtype=torch.float32) for r in rows]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_equal_contributions_return_that_value(rule):
+    x = torch.tensor([0.5, -1.25, 2.0, 0.0, 3.75])
+    for shards in (1, 3):
+        out, _ = aggregate([x.clone() for _ in range(4)], rule, shards=shards)
+        assert torch.equal(out, x), (rule, shards)
+
+
+def test_mean_is_member_order_sum_over_w():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(11, generator=g) for _ in range(5)]
+    ref = xs[0].clone()
+    for x in xs[1:]:
+        ref.add_(x)
+    out, screen = aggregate(xs, "mean", shards=5)
+    assert torch.equal(out, ref / 5) and screen is None
+
+
+def test_clip_scales_outlier_to_ratio_times_median():
+    # four unit vectors along e0, one of norm 50 along e1 (below the hard bound 100): it is scaled to 3
+    xs = vecs(*([[1.0, 0.0]] * 4), [0.0, 50.0])
+    out, screen = aggregate(xs, "clip")
+    assert screen.keep == [0, 1, 2, 3, 4] and not screen.offences
+    assert screen.median == 1.0
+    assert torch.allclose(out, torch.tensor([4 / 5, 3 / 5]), atol=1e-6)
+    out2, _ = aggregate(xs, Aggregate("clip", clip_ratio=2.0))
+    assert torch.allclose(out2, torch.tensor([4 / 5, 2 / 5]), atol=1e-6)
+    # the factor applies to the whole vector: sharding gives the same result up to rounding
+    out3, _ = aggregate(xs, "clip", shards=2)
+    assert torch.allclose(out, out3, atol=1e-6)
+
+
+def test_trimmed_mean_drops_extremes_per_coordinate():
+    xs = vecs([1, -7], [2, 5], [3, 6], [4, 8], [100, 7])
+    out, _ = aggregate(xs, "trimmed_mean")
+    assert torch.allclose(out, torch.tensor([3.0, 6.0]))  # (2+3+4)/3 and (5+6+7)/3
+    out, _ = aggregate(xs, Aggregate("trimmed_mean", trim=2))
+    assert torch.allclose(out, torch.tensor([3.0, 6.0]))  # the median
+    with pytest.raises(ValueError, match="trim"):
+        aggregate(xs[:4], Aggregate("trimmed_mean", trim=2))
+    with pytest.raises(ValueError, match="trim"):
+        Aggregate("trimmed_mean", trim=1).check_world(2)
+
+
+def test_centered_clip_closed_forms():
+    honest = [1.0, 2.0]
+    xs = vecs(*([honest] * 4), [-30.0, 40.0])
+    # centered at the honest value: honest distances 0, so tau = 0 and the outlier moves nothing
+    out, _ = aggregate(xs, "centered_clip", center=torch.tensor(honest))
+    assert torch.equal(out, torch.tensor(honest))
+    # from zero, one round: tau = median |x_i| = sqrt(5); the outlier (norm 50) is clipped to sqrt(5)
+    out1, _ = aggregate(xs, Aggregate("centered_clip", iters=1))
+    o = torch.tensor([-30.0, 40.0])
+    expect = (4 * torch.tensor(honest) + o * (math.sqrt(5) / 50)) / 5
+    assert torch.allclose(out1, expect, atol=1e-6)
+    # more rounds move towards the honest value
+    out3, _ = aggregate(xs, "centered_clip")
+    assert (out3 - torch.tensor(honest)).norm() < (out1 - torch.tensor(honest)).norm()
+
+
+def test_screening_excludes_non_finite_and_beyond_hard_bound():
+    xs = vecs([1, 0], [0, 1], [1, 1], [float("nan"), 0], [1e4, 0])
+    for rule in ("clip", "trimmed_mean", "centered_clip"):
+        out, screen = aggregate(xs, rule)
+        assert screen.offences == {3: "non_finite", 4: "bound"}, rule
+        assert screen.keep == [0, 1, 2]
+        assert torch.isfinite(out).all() and out.abs().max() <= 1.0, rule
+
+
+def test_get_aggregate_and_bad_input():
+    assert get_aggregate(None).rule == "mean"
+    assert get_aggregate("clip", clip_ratio=2.0).clip_ratio == 2.0
+    assert get_aggregate({"rule": "trimmed_mean", "trim": 2}).trim == 2
+    for bad in ({"rule": "median"}, {"rule": "clip", "clip_ratio": 0}, {"rule": "centered_clip", "iters": 0},
+                {"rule": "clip", "hard_bound": 0.5}):
+        with pytest.raises(ValueError):
+            get_aggregate(bad)
+
+
+def _reduce_worker(t, xs, rule, codec=None, center=None):
+    buf = xs[t.rank].clone()
+    t.all_reduce([buf], codec=codec, aggregate=rule, center=center).wait(30)
+    return buf
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_transport_matches_reference_bit_for_bit(rule):
+    W = 4
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(37, generator=g) for _ in range(W)]
+    xs[3] = xs[3] * 20  # an outlier that clip and centered_clip act on
+    center = torch.randn(37, generator=g) * 0.1
+    out = run_local(W, _reduce_worker, xs, rule, center=[center] if rule == "centered_clip" else None)
+    ref, _ = aggregate(xs, rule, center=center if rule == "centered_clip" else None, shards=W)
+    for o in out:
+        assert torch.equal(o, ref)
+
+
+def test_mean_aggregate_is_todays_all_reduce_bitwise():
+    W = 3
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(29, generator=g) for _ in range(W)]
+    today = run_local(W, _reduce_worker, xs, None)
+    mean = run_local(W, _reduce_worker, xs, "mean")
+    for a, b in zip(today, mean):
+        assert torch.equal(a, b)
+    for codec in ("int8", "e3m0"):
+        a = run_local(W, _reduce_worker, xs, None, codec)
+        b = run_local(W, _reduce_worker, xs, "mean", codec)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_quantized_robust_all_reduce_identical_on_every_member():
+    W = 4
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(64, generator=g) for _ in range(W)]
+    xs[0] = xs[0] * -10
+    for rule in ("clip", "trimmed_mean", "centered_clip"):
+        out = run_local(W, _reduce_worker, xs, rule, "int8")
+        assert all(torch.equal(o, out[0]) for o in out)
+        plain = run_local(W, _reduce_worker, xs, rule)
+        assert torch.allclose(out[0], plain[0], atol=0.05)
+
+
+def test_scale_attacker_is_screened_and_ejected_after_max_offences():
+    W, ops = 5, 4
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W), max_offences=3)
+
+    def worker(t):
+        g = torch.Generator().manual_seed(10 + t.rank)
+        outs = []
+        for _ in range(ops):
+            buf = torch.randn(20, generator=g)
+            try:
+                t.all_reduce([buf], aggregate="clip").wait(30)
+                outs.append(buf)
+            except Exception as e:  # noqa: BLE001 - the ejected attacker's ops fail
+                outs.append(e)
+        return outs, t.members()
+
+    res = run_local(W, worker, world=world)
+    book = world.book
+    assert [o.member for o in book.offences] == [4, 4, 4] and {o.kind for o in book.offences} == {"bound"}
+    assert list(book.ejected) == [4]
+    for r in range(4):
+        outs, members = res[r]
+        assert members == [0, 1, 2, 3]
+        assert all(isinstance(o, torch.Tensor) and o.abs().max() < 10 for o in outs)
+        assert all(torch.equal(o, p) for o, p in zip(outs, res[0][0]))  # honest members agree bitwise
+    assert isinstance(res[4][0][-1], Exception)  # ejected: its own operations fail
+
+
+def test_honest_members_never_offend_with_defaults():
+    W = 6
+    world = LocalWorld(W, 30.0)
+
+    def worker(t):
+        g = torch.Generator().manual_seed(t.rank)
+        for _ in range(5):
+            buf = torch.randn(50, generator=g) * (1 + t.rank)  # norms 1x..6x apart
+            t.all_reduce([buf], aggregate="trimmed_mean").wait(30)
+
+    run_local(W, worker, world=world)
+    assert not world.book.offences and not world.book.ejected
+
+
+def test_alie_sends_mean_minus_z_std_of_honest():
+    W = 5
+    adv = Adversary("alie", 2, W)
+    assert math.isclose(adv.z, alie_z(5, 2))
+    world = LocalWorld(W, 30.0, adversary=adv)
+    xs = [torch.full((4,), float(r)) for r in range(W)]
+    out = run_local(W, _reduce_worker, xs, None, world=world)
+    honest = torch.stack(xs[:3])
+    bad = honest.mean(0) - adv.z * honest.std(0)
+    assert torch.allclose(out[0], (honest.sum(0) + 2 * bad) / 5)
+
+
+def test_strategy_rejects_rule_its_transport_cannot_serve():
+    import lowcomm
+    from lowcomm.comm.local import LocalTransport
+
+    class MeanOnly(LocalTransport):
+        aggregate_rules = ("mean",)
+
+    m = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="cannot aggregate"):
+        lowcomm.DiLoCo(torch.optim.SGD(m.parameters(), lr=0.1), transport=MeanOnly(LocalWorld(1), 0),
+                       aggregate="clip")
