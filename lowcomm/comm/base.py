@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
+from .aggregate import RULES, Aggregate, get_aggregate, lower_median
+
 __all__ = [
+    "RULES",
+    "Aggregate",
     "ByteLedger",
     "CommError",
     "CommTimeout",
@@ -32,6 +36,8 @@ __all__ = [
     "PeerLost",
     "Transport",
     "check_transport",
+    "get_aggregate",
+    "lower_median",
     "tensor_nbytes",
 ]
 

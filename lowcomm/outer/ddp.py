@@ -22,6 +22,7 @@ import torch
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, SyncRecord
 from .registry import register_strategy
+from .robust import aggregate_knobs
 
 __all__ = ["DDP"]
 
@@ -37,14 +38,15 @@ class DDP(OuterOptimizer):
         codec: optional wire codec for the all-reduce (None: fp32 as the gradients are).
         strict: raise on a failed all-reduce instead of skipping that step.
         timeout: seconds an all-reduce may wait.
+        aggregate: robust aggregation rule of the gradients (see :class:`~.base.OuterOptimizer`).
 
     A failed all-reduce skips the step (the gradients are dropped, parameters unchanged,
     so the replicas stay identical), is logged and counted, and membership is refreshed.
     """
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
-                 strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         if codec is not None:
             from ..codecs import get_codec
 
@@ -65,7 +67,7 @@ class DDP(OuterOptimizer):
         grads = [p.grad for p in params]
         step = self.local_step + 1
         try:
-            handle = self.transport.all_reduce(grads, op="mean", codec=self.codec)
+            handle = self.transport.all_reduce(grads, op="mean", codec=self.codec, **self.reduce_kwargs("grads"))
         except CommError as e:  # could not even start (e.g. no longer a member): same path as a failure
             handle = Handle.failed(e)
         op_ids = [] if handle.op_id is None else [handle.op_id]
@@ -85,6 +87,7 @@ class DDP(OuterOptimizer):
             self.local_step = step
             return loss
         self.sync_count += 1
+        self.remember_center("grads", grads)
         self.sync_log.append(SyncRecord("grads", step, step, op_ids, True))
         self.inner.step()
         self.local_step = step
@@ -94,8 +97,9 @@ class DDP(OuterOptimizer):
         pass
 
 
-def _build(inner, transport, model=None, *, codec: Any = None) -> DDP:
-    return DDP(inner, transport=transport, codec=codec)
+def _build(inner, transport, model=None, *, codec: Any = None, aggregate: str = "mean", clip_ratio: float = 3.0,
+           trim: int = 1, iters: int = 3) -> DDP:
+    return DDP(inner, transport=transport, codec=codec, aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
 
 
 register_strategy("ddp", _build, {}, "data parallel: all-reduce (mean) of gradients every step")

@@ -22,6 +22,7 @@ import torch
 from ..comm.base import Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_int
 from .registry import register_strategy
+from .robust import aggregate_knobs
 
 __all__ = ["DiLoCo", "sgd_outer"]
 
@@ -36,14 +37,16 @@ class DiLoCo(OuterOptimizer):
         outer_optimizer: factory ``params -> torch.optim.Optimizer`` for the global parameters
             (default SGD lr 0.7, momentum 0.9, Nesterov).
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
+        aggregate: robust aggregation rule (``"mean"``, ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, or an :class:`~lowcomm.comm.aggregate.Aggregate`); default mean.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
-                 timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, aggregate: Any = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         if codec is not None:
             from ..codecs import get_codec
@@ -84,14 +87,18 @@ def sgd_outer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> 
 
 
 def _build(inner, transport, model=None, *, sync_every: int = 50, outer_lr: float = 0.7,
-           outer_momentum: float = 0.9, nesterov: bool = True, codec: Any = None) -> DiLoCo:
+           outer_momentum: float = 0.9, nesterov: bool = True, codec: Any = None, aggregate: str = "mean",
+           clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> DiLoCo:
     return DiLoCo(inner, transport=transport, sync_every=sync_every,
-                  outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), codec=codec)
+                  outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), codec=codec,
+                  aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
 
 
-def _build_fedavg(inner, transport, model=None, *, sync_every: int = 50, codec: Any = None) -> DiLoCo:
+def _build_fedavg(inner, transport, model=None, *, sync_every: int = 50, codec: Any = None, aggregate: str = "mean",
+                  clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> DiLoCo:
     return DiLoCo(inner, transport=transport, sync_every=sync_every,
-                  outer_optimizer=sgd_outer(1.0, 0.0, False), codec=codec)
+                  outer_optimizer=sgd_outer(1.0, 0.0, False), codec=codec,
+                  aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
 
 
 register_strategy("diloco", _build, {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},

@@ -50,6 +50,13 @@ Other groups are not affected. Each sync first calls ``transport.refresh()`` so 
 worker draws its groups over the same (current) member set; workers whose views disagree
 (a death not yet seen by everyone) fail that one exchange and roll back.
 
+**Partner screening** (``aggregate=`` any rule but ``"mean"``): a group of two has no majority,
+so instead of a coordinate-wise rule each worker rejects a partner whose tensors are farther from
+its own than ``clip_ratio`` (default 3) x the running median of the distances of the partners it
+accepted before (:class:`~lowcomm.outer.robust.PartnerScreen`; through
+``transport.group_reduce(..., check=...)``): the whole group's exchange fails, is rolled back
+like any failure, and the partner is named in the error (``opt.partner_screen.rejected``).
+
 **Initial alignment.** By default the constructor broadcasts the first member's parameters
 once (as the other strategies do), so workers start from one model; it is the only
 operation that involves everyone and happens once. ``broadcast_initial=False`` skips it
@@ -61,13 +68,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..comm.base import CommError, Handle, Transport
+from ..comm.base import RULES, CommError, Handle, Transport
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .registry import register_strategy
+from .robust import PartnerScreen, aggregate_knobs
 
 __all__ = ["NoLoCo", "noloco_groups"]
 
@@ -115,6 +125,7 @@ class NoLoCo(OuterOptimizer):
         nesterov: use Nesterov momentum in the stock SGD instead of heavy-ball.
         seed: shared seed of the group draws; must be equal on every worker.
         broadcast_initial: align every worker to the first member's weights at construction.
+        aggregate: any rule but ``"mean"`` turns partner screening on (see the module docstring).
         strict: raise on a failed exchange instead of rolling back.
         timeout: seconds an exchange may wait.
     """
@@ -122,8 +133,10 @@ class NoLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 50,
                  group_size: int = 2, outer_lr: float = 0.7, momentum: float = 0.5,
                  consensus_lr: float | None = None, nesterov: bool = False, seed: int = 0,
-                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None,
+                 aggregate: Any = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
+        self.partner_screen = PartnerScreen(self.aggregate.clip_ratio) if self.aggregate.robust else None
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.group_size = check_int("group_size", group_size, 1, "2 averages pairs, as in the paper")
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
@@ -145,6 +158,11 @@ class NoLoCo(OuterOptimizer):
         lr, mu, nest = self.outer_lr, self.momentum, self.nesterov
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
                                                                         nesterov=nest))]
+
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        from .robust import resolve_aggregate
+
+        return resolve_aggregate(self.transport, aggregate, allowed=RULES, who="NoLoCo")
 
     @property
     def sends_phi(self) -> bool:
@@ -187,6 +205,11 @@ class NoLoCo(OuterOptimizer):
         # theta travels as is: group_reduce writes mean_G(theta) into the parameters only on
         # success, and the parameters are reset to phi afterwards either way.
         buffers = list(unit.params)
+        check = None
+        if self.partner_screen is not None:
+            moved = math.sqrt(sum(float((p.double() - a.double()).pow(2).sum())
+                                  for p, a in zip(unit.params, unit.anchors)))
+            check = self.partner_screen.check(me, moved)
         if self.sends_pseudo_grad:
             # theta := phi - theta in place (the sync resets theta anyway): the group averages
             # pseudo-gradients only, as DiLoCo does globally.
@@ -195,7 +218,8 @@ class NoLoCo(OuterOptimizer):
         elif self.sends_phi:
             buffers += [a.clone() for a in unit.anchors]
         try:
-            handle = self.transport.group_reduce(group, buffers, op="mean")
+            handle = (self.transport.group_reduce(group, buffers, op="mean") if check is None
+                      else self.transport.group_reduce(group, buffers, op="mean", check=check))
         except CommError as e:  # could not even start (e.g. no longer a member): roll back the same way
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, buffers, self.local_step, {"group": group})
@@ -235,9 +259,10 @@ class NoLoCo(OuterOptimizer):
 
 def _build(inner, transport, model=None, *, sync_every: int = 50, group_size: int = 2, outer_lr: float = 0.7,
            momentum: float = 0.5, consensus_lr: float | None = None, nesterov: bool = False,
-           seed: int = 0) -> NoLoCo:
+           seed: int = 0, aggregate: str = "mean", clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> NoLoCo:
     return NoLoCo(inner, transport=transport, sync_every=sync_every, group_size=group_size, outer_lr=outer_lr,
-                  momentum=momentum, consensus_lr=consensus_lr, nesterov=nesterov, seed=seed)
+                  momentum=momentum, consensus_lr=consensus_lr, nesterov=nesterov, seed=seed,
+                  aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
 
 
 register_strategy("noloco", _build, {"sync_every": 50, "group_size": 2, "outer_lr": 0.7, "momentum": 0.5},

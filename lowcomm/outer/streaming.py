@@ -48,6 +48,7 @@ from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .diloco import sgd_outer
 from .registry import register_strategy
+from .robust import aggregate_knobs
 
 __all__ = ["StreamingDiLoCo"]
 
@@ -72,6 +73,8 @@ class StreamingDiLoCo(OuterOptimizer):
             (default SGD lr 0.7, momentum 0.9, Nesterov).
         error_feedback: carry each fragment's quantization error into its next sync.
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
+        aggregate: robust aggregation rule (``"mean"``, ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, or an :class:`~lowcomm.comm.aggregate.Aggregate`); default mean.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
@@ -79,8 +82,9 @@ class StreamingDiLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, model: torch.nn.Module | None = None,
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
                  codec: Any = "e3m0", outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
-                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None,
+                 aggregate: Any = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         from ..fragments import split_fragments
 
         H = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between two syncs of a "
@@ -244,10 +248,12 @@ class StreamingDiLoCo(OuterOptimizer):
 
 def _build(inner, transport, model=None, *, sync_every: int = 50, fragments: int = 2, overlap: int = 1,
            alpha: float = 0.5, codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9,
-           nesterov: bool = True, error_feedback: bool = False, fragment_mode: str = "strided") -> StreamingDiLoCo:
+           nesterov: bool = True, error_feedback: bool = False, fragment_mode: str = "strided",
+           aggregate: str = "mean", clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> StreamingDiLoCo:
     return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=sync_every, fragments=fragments,
                            overlap=overlap, alpha=alpha, codec=codec, error_feedback=error_feedback,
-                           outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), fragment_mode=fragment_mode)
+                           outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), fragment_mode=fragment_mode,
+                           aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
 
 
 register_strategy("streaming", _build,
