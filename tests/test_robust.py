@@ -7,7 +7,7 @@ import torch
 
 from lowcomm.comm.adversary import Adversary, alie_z
 from lowcomm.comm.aggregate import RULES, Aggregate, aggregate, get_aggregate
-from lowcomm.comm.local import LocalWorld, run_local
+from lowcomm.comm.local import LocalTransport, LocalWorld, run_local
 
 
 def vecs(*rows):
@@ -203,3 +203,105 @@ def test_strategy_rejects_rule_its_transport_cannot_serve():
     with pytest.raises(ValueError, match="cannot aggregate"):
         lowcomm.DiLoCo(torch.optim.SGD(m.parameters(), lr=0.1), transport=MeanOnly(LocalWorld(1), 0),
                        aggregate="clip")
+
+
+# ---- strategies ------------------------------------------------------------------------------------------
+def _train(t, make, steps=12, attack_scale=None):
+    from _common import batch, loss_of, make_model
+
+    m = make_model()
+    opt = make(m, t)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_of(m, *batch(t.rank, step)).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in m.parameters()]), opt
+
+
+def test_diloco_mean_aggregate_is_bitwise_default():
+    import lowcomm
+
+    def run(agg):
+        kw = {} if agg is None else {"aggregate": agg}
+        return run_local(3, _train, lambda m, t: lowcomm.DiLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                                                                transport=t, sync_every=4, **kw))
+
+    a, b = run(None), run("mean")
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("rule", ["clip", "trimmed_mean", "centered_clip"])
+def test_diloco_robust_rules_survive_a_sign_flip_attacker(rule):
+    import lowcomm
+
+    W = 5
+
+    def make(m, t):
+        return lowcomm.DiLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2), transport=t, sync_every=4, aggregate=rule)
+
+    clean = run_local(W, _train, make)
+    world = LocalWorld(W, 30.0, adversary=Adversary("sign_flip", 1, W))
+    attacked = run_local(W, _train, make, world=world)
+    meanw = LocalWorld(W, 30.0, adversary=Adversary("sign_flip", 1, W))
+    ruined = run_local(W, _train, lambda m, t: lowcomm.DiLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2),
+                                                              transport=t, sync_every=4), world=meanw)
+    honest = [attacked[r][0] for r in range(W - 1)]
+    assert all(torch.equal(h, honest[0]) for h in honest)  # honest members agree bit for bit
+    err = (honest[0] - clean[0][0]).norm()
+    assert err < 0.5 * (ruined[0][0] - clean[0][0]).norm()
+    assert attacked[0][1].sync_count == 3 and not world.book.offences  # x-10 is within the hard bound
+
+
+def test_streaming_quantized_clip_ejects_scale_attacker():
+    import lowcomm
+
+    W = 4
+
+    def make(m, t):
+        return lowcomm.StreamingDiLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2), transport=t, model=m,
+                                       sync_every=2, fragments=1, overlap=0, alpha=0.0, codec="int8",
+                                       aggregate="clip")
+
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W))
+    out = run_local(W, _train, make, world=world)
+    assert list(world.book.ejected) == [3] and len(world.book.offences) == 3
+    assert all(torch.equal(out[r][0], out[0][0]) for r in range(3))
+    assert out[0][1].failed_syncs == 0 and out[3][1].failed_syncs == 6 - 3
+
+
+def test_noloco_rejects_far_partner_and_names_it():
+    import lowcomm
+
+    W = 2
+
+    def make(m, t):
+        return lowcomm.NoLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2), transport=t, sync_every=3,
+                              aggregate="clip")
+
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W))
+    out = run_local(W, _train, make, world=world)
+    opt = out[0][1]
+    assert opt.sync_count == 0 and opt.failed_syncs == 4
+    assert [r[0] for r in opt.partner_screen.rejected] == [1] * 4
+    assert "partner 1 rejected" in opt.sync_log[0].error
+    clean = run_local(W, _train, make)
+    assert clean[0][1].sync_count == 4 and not clean[0][1].partner_screen.rejected
+
+
+def test_demo_clip_per_sender_at_decode():
+    import lowcomm
+
+    W = 4
+
+    def make(m, t):
+        return lowcomm.DeMo(torch.optim.SGD(m.parameters(), lr=1e-2), transport=t, topk=2, chunk=4, sign=False,
+                            aggregate="clip")
+
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W))
+    out = run_local(W, _train, make, world=world)
+    assert out[0][1].last_offences == {3: "bound"}
+    clean = run_local(W, _train, make)
+    assert (out[0][0] - clean[0][0]).norm() < 0.2 * clean[0][0].norm()
+    with pytest.raises(ValueError, match="DeMo"):
+        lowcomm.DeMo(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                     transport=LocalTransport(LocalWorld(1), 0), aggregate="trimmed_mean")
