@@ -33,6 +33,7 @@ import torch
 
 from .adversary import Adversary, OffenceBook
 from .aggregate import RULES
+from .audit import AuditBoard, run_audit
 from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, Handle, OpRecord, PeerLost, tensor_nbytes
 from .p2p import P2PTransport
 
@@ -59,13 +60,14 @@ class LocalWorld:
     """Shared state of a group of local workers: mailboxes, liveness, commit votes."""
 
     def __init__(self, world_size: int, timeout: float = DEFAULT_TIMEOUT, adversary: Adversary | None = None,
-                 max_offences: int = 3):
+                 max_offences: int = 3, audit: float = 0.0, seed: int = 0):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.timeout = timeout
         self.adversary = adversary
         self.book = OffenceBook(max_offences)
+        self.audits = AuditBoard(audit, seed)
         self._cv = threading.Condition()
         self._mail: dict[tuple, list[torch.Tensor]] = {}
         self._votes: dict[tuple, dict[int, bool]] = {}
@@ -179,6 +181,12 @@ class LocalTransport(P2PTransport):
     def _on_screen(self, seq, members, screen, parts):
         for i in screen.offences:
             self.world.book.evidence(repr(seq), members[i], self.rank, parts[i], len(members), screen.bound)
+
+    def _auditing(self) -> bool:
+        return self.world.audits.probability > 0
+
+    def _audit(self, seq, rec, members, deadline, args):
+        run_audit(self, self.world.audits, self.world.book, seq, rec, members, *args, deadline)
 
     def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
         adv = self.world.adversary

@@ -138,6 +138,13 @@ class P2PTransport(Transport):
     def _on_screen(self, seq: Any, members: Sequence[int], screen: Any, parts: list[torch.Tensor]) -> None:  # noqa: B027
         """A robust rule screened this owner's shard (offences with the received pieces as evidence)."""
 
+    def _auditing(self) -> bool:
+        """Whether all-reduces keep what :meth:`_audit` needs (simulation of owner audits)."""
+        return False
+
+    def _audit(self, seq: Any, rec: OpRecord, members: Sequence[int], deadline: float, args: tuple) -> None:  # noqa: B027
+        """Audit an all-reduce before its commit vote (``args``: see :func:`lowcomm.comm.audit.run_audit`)."""
+
     # ---- plumbing ----------------------------------------------------------------------
     def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
         seq = self._seq
@@ -212,21 +219,34 @@ class P2PTransport(Transport):
                 flats = []
                 for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
                     flat = self._contribution((seq, gi), members, _flatten(tensors, idxs, dtype))
+                    orig = flat.clone() if self._auditing() else None
                     self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
+                    if orig is not None:
+                        from .audit import plain_audit
+
+                        self._audit((seq, gi), rec, members, deadline, plain_audit(orig, flat, w, op))
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
             flat = self._contribution((seq, 0), members, _flatten(tensors, range(len(tensors)), torch.float32))
+            orig = flat.clone() if self._auditing() else None
             if agg.robust:
+                from .audit import robust_audit
                 from .robust import robust_reduce
 
                 c = None if center is None else _flatten(list(center), range(len(tensors)), torch.float32)
-                robust_reduce(self, seq, rec, members, me, flat, agg, codec, c, deadline,
-                              shard_bounds(flat.numel(), w),
-                              on_screen=lambda scr, parts: self._on_screen(seq, members, scr, parts),
-                              owner_result=lambda r: self._owner_result(seq, r))
+                mats = robust_reduce(self, seq, rec, members, me, flat, agg, codec, c, deadline,
+                                     shard_bounds(flat.numel(), w),
+                                     on_screen=lambda scr, parts: self._on_screen(seq, members, scr, parts),
+                                     owner_result=lambda r: self._owner_result(seq, r))
+                if orig is not None:
+                    self._audit((seq, 0), rec, members, deadline, robust_audit(orig, flat, w, agg, codec, c, mats))
             else:
                 self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
+                if orig is not None:
+                    from .audit import plain_audit
+
+                    self._audit((seq, 0), rec, members, deadline, plain_audit(orig, flat, w, op, codec))
 
             def finish_q():
                 off = 0

@@ -48,8 +48,10 @@ def robust_reduce(tr: Any, seq: Any, rec: Any, members: Sequence[int], me: int, 
                   agg: Aggregate, codec: Any, center: torch.Tensor | None, deadline: float,
                   bounds: Sequence[tuple[int, int]],
                   on_screen: Callable[[Screen, list[torch.Tensor]], None] | None = None,
-                  owner_result: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Aggregate ``flat`` (fp32, this member's contribution) with ``agg``; the result replaces ``flat``."""
+                  owner_result: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Aggregate ``flat`` (fp32, this member's contribution) with ``agg``; the result replaces ``flat``.
+
+    Returns the all-gathered norm matrices, in order (what an audit replays)."""
     s, e = bounds[me]
     own = None
     for j, peer in enumerate(members):
@@ -71,13 +73,12 @@ def robust_reduce(tr: Any, seq: Any, rec: Any, members: Sequence[int], me: int, 
                                 f"expected {e - s} float32")
         parts.append(part.reshape(-1))
     gen = agg.owner(parts, None if center is None else center[s:e])
-    k = 0
+    matrices: list[torch.Tensor] = []
     try:
         row = next(gen)
         while True:
-            matrix = _gather_rows(tr, seq, rec, members, me, row, k, deadline)
-            k += 1
-            row = gen.send(matrix)
+            matrices.append(_gather_rows(tr, seq, rec, members, me, row, len(matrices), deadline))
+            row = gen.send(matrices[-1])
     except StopIteration as stop:
         result, screen = stop.value
     except ValueError as err:  # every contribution non-finite: nothing to aggregate
@@ -101,3 +102,4 @@ def robust_reduce(tr: Any, seq: Any, rec: Any, members: Sequence[int], me: int, 
                 if got[0].numel() != e2 - s2:
                     raise CommError(f"result shard from member {peer} has the wrong size")
                 flat[s2:e2].copy_(got[0])
+    return matrices

@@ -169,6 +169,7 @@ class DeMo(OuterOptimizer):
         self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
+        self.screened: list[tuple[int, int, str]] = []  # every screening: (step, member id, why)
         self.broadcast_initial()
         self._build(params)
 
@@ -426,6 +427,8 @@ class DeMo(OuterOptimizer):
         parsed = [self._parse(list(parts), members[j] if j < len(members) else j) for j, parts in enumerate(gathered)]
         norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in parsed]
         weights, self.last_offences = sender_factors(self.aggregate, norms)
+        self.screened += [(self.local_step, members[i] if i < len(members) else i, why)
+                          for i, why in self.last_offences.items()]
         for (idx, vals), wt in zip(parsed, weights):
             if wt == 0.0:  # screened out (non-finite or beyond the hard bound): in no coefficient's mean
                 continue

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from ..comm.adversary import ATTACKS
+from ..comm.aggregate import RULES
 from ..models import GPTConfig
 from .runner import DEFAULT_BANDWIDTHS, Projection, RunResult, SimConfig, build_knobs, run_strategy
 
@@ -72,6 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also project wall-clock to a bigger model on a faster device "
                         "(default 1B parameters, 989 TFLOP/s at 0.4 MFU, 524288 tokens per step; "
                         "override with e.g. params=7e9,flops=989e12,mfu=0.4,tokens_per_step=1048576)")
+    p.add_argument("--attackers", type=int, default=0,
+                   help="K: the last K workers attack (with --attack; the held-out loss is the honest workers')")
+    p.add_argument("--attack", default=None, choices=ATTACKS,
+                   help="scale (x1e4), sign_flip (x-10), noise (100x the honest norm), alie (mean - z std of the "
+                        "honest contributions), lying_owner (a shard owner returns a wrong result)")
+    p.add_argument("--aggregate", default=None, choices=RULES,
+                   help="aggregation rule for every strategy (default mean; knobs: --set clip_ratio=3, trim=1, "
+                        "iters=3)")
+    p.add_argument("--audit", type=float, default=0.1,
+                   help="with an attack: probability per all-reduce that two members recompute a shard (default 0.1)")
+    p.add_argument("--max-offences", type=_positive_int, default=3,
+                   help="offences after which a member is ejected (default 3)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -153,7 +167,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      seed=args.seed, data=args.data, vocab_size=args.vocab_size, eval_every=args.eval_every,
                      threads=args.threads, bandwidths=bws, latency=args.latency,
                      link_efficiency=args.link_efficiency, step_seconds=args.step_seconds,
-                     projection=_projection(args.projection))
+                     projection=_projection(args.projection), attackers=args.attackers, attack=args.attack,
+                     audit=args.audit, max_offences=args.max_offences)
 
 
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
@@ -202,10 +217,14 @@ def main(args: argparse.Namespace) -> int:
     knobs = parse_knobs(args.set)
     if args.sync_every is not None:
         knobs["sync_every"] = args.sync_every
+    if args.aggregate is not None:
+        knobs["aggregate"] = args.aggregate
     progress = None if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.monotonic()
+    attack = f" | attack: {cfg.attack} by the last {cfg.attackers}" if cfg.attack else ""
     print(f"lowcomm sim: {', '.join(names)} | {cfg.workers} workers x {cfg.steps} steps, batch {cfg.batch_size} "
-          f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'} | out: {args.out}", flush=True)
+          f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'}{attack} | out: {args.out}",
+          flush=True)
     runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress, lr_given=args.lr is not None)
     print()
     print(table(runs, cfg))

@@ -44,14 +44,20 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
         return "(no runs)"
     bws = list(runs[0].sim_seconds)
     util_bw = "100Mbit" if "100Mbit" in bws else bws[0]
+    robust = any(r.attack or r.aggregate != "mean" for r in runs)
     header = ["strategy", "held-out loss", "worst worker", "tokens", "bytes/worker", "peak sync",
               *[f"time@{b}" for b in bws], f"util@{util_bw}"]
+    if robust:
+        header += ["attack", "rule", "detections", "ejected"]
     rows = []
     for r in runs:
         worst = "" if math.isclose(r.worst_worker_eval_loss, r.final_eval_loss) else f"{r.worst_worker_eval_loss:.4f}"
         rows.append([r.strategy, f"{r.final_eval_loss:.4f}", worst, f"{r.tokens:,}", format_bytes(r.bytes_sent),
                      format_bytes(r.peak_bytes), *[format_seconds(r.sim_seconds[b]) for b in bws],
                      f"{100 * r.utilisation[util_bw]:.0f}%"])
+        if robust:
+            rows[-1] += [f"{r.attack} x{r.attackers}" if r.attack else "none", r.aggregate, str(len(r.detections)),
+                         ",".join(str(e["member"]) for e in r.ejections) or "-"]
     out = [_grid(header, rows),
            f"({runs[0].workers} workers x {runs[0].steps} steps, {runs[0].params:,}-parameter GPT; loss in nats per "
            f"token; time = simulated wall-clock with "
