@@ -305,3 +305,58 @@ def test_demo_clip_per_sender_at_decode():
     with pytest.raises(ValueError, match="DeMo"):
         lowcomm.DeMo(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
                      transport=LocalTransport(LocalWorld(1), 0), aggregate="trimmed_mean")
+
+
+# ---- lying owners and the simulator ----------------------------------------------------------------------
+def test_lying_owner_caught_by_forced_audit_named_and_ejected():
+    W = 4
+    world = LocalWorld(W, 30.0, adversary=Adversary("lying_owner", 1, W), audit=1.0, seed=3)
+
+    def worker(t):
+        g = torch.Generator().manual_seed(t.rank)
+        res = []
+        for _ in range(12):
+            buf = torch.randn(10, generator=g)
+            try:
+                t.all_reduce([buf], aggregate="clip", codec="int8").wait(30)
+                res.append(True)
+            except Exception:  # noqa: BLE001
+                res.append(False)
+        return res
+
+    out = run_local(W, worker, world=world)
+    audits = world.audits.summary()
+    liar_audits = [a["op"] for a in world.audits.audits if a["owner"] == 3 and a["op"] <= audits["named"][-1]["op"]]
+    # every audit of the liar's shard named it (and only it), and failed that op on every member
+    assert [n["op"] for n in audits["named"]] == liar_audits and {n["member"] for n in audits["named"]} == {3}
+    assert {n["kind"] for n in audits["named"]} == {"owner"} and len(liar_audits) == 3
+    for r in range(3):
+        assert [i + 1 for i, ok in enumerate(out[r]) if not ok] == liar_audits
+    assert list(world.book.ejected) == [3] and audits["extra_bytes"] > 0
+
+
+def test_honest_owners_pass_every_audit():
+    W = 3
+    world = LocalWorld(W, 30.0, audit=1.0)
+    out = run_local(W, _reduce_worker, [torch.full((9,), float(r)) for r in range(W)], "centered_clip", world=world)
+    assert all(torch.equal(o, out[0]) for o in out)
+    assert world.audits.summary()["audits"] == 1 and not world.audits.found and not world.book.offences
+
+
+def test_sim_attack_records_rule_detections_ejections(tmp_path):
+    from lowcomm.models import GPTConfig
+    from lowcomm.sim.report import table
+    from lowcomm.sim.runner import SimConfig, run_strategy
+
+    tiny = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=16)
+    cfg = SimConfig(workers=3, steps=6, batch_size=2, model=tiny, eval_every=3, eval_sequences=4, threads=1,
+                    warmup=1, attackers=1, attack="scale")
+    r = run_strategy("diloco", cfg, {"sync_every": 2, "aggregate": "clip"})
+    assert r.attack == "scale" and r.aggregate == "clip" and r.attackers == 1
+    assert [d["member"] for d in r.detections] == [2, 2, 2] and r.ejections[0]["member"] == 2
+    assert math.isfinite(r.final_eval_loss) and r.final_eval_loss < 6
+    assert "detections" in table([r], cfg)
+    with pytest.raises(ValueError, match="attackers"):
+        SimConfig(workers=3, attackers=3, attack="scale")
+    with pytest.raises(ValueError, match="both"):
+        SimConfig(workers=3, attack="scale")
