@@ -66,8 +66,10 @@ from typing import Any
 
 import torch
 
+from .shards import shard_bounds
+
 __all__ = ["Codec", "IdentityCodec", "BF16Codec", "FP16Codec", "Int8Codec", "Int4Codec", "E3M0Codec",
-           "ErrorFeedback", "get_codec", "register_codec", "CODECS"]
+           "ErrorFeedback", "get_codec", "register_codec", "wire_codec", "CODECS"]
 
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -386,7 +388,7 @@ class ErrorFeedback:
     Usage around one collective: ``y = ef.compensate_(x)`` (x += carried error, in place), then
     ``ef.residual(y, shards)`` computes ``y - decode(encode(y))`` with the same shard layout the
     quantized all-reduce uses (each of ``shards`` contiguous pieces is encoded on its own, see
-    :func:`lowcomm.comm.p2p.shard_bounds`), into a pending buffer; ``ef.commit()`` makes it the
+    :func:`lowcomm.shards.shard_bounds`), into a pending buffer; ``ef.commit()`` makes it the
     carried error once the sync succeeded (a failed sync keeps the old error).
     The carried error stays within one step's codec bound, so it cannot drift.
     """
@@ -405,8 +407,6 @@ class ErrorFeedback:
 
     @torch.no_grad()
     def residual(self, y: torch.Tensor, shards: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
-        from .comm.p2p import shard_bounds
-
         y = y.reshape(-1)
         if y.numel() != self.numel:
             raise ValueError(f"error feedback holds {self.numel} values, got {y.numel()}")
@@ -444,6 +444,16 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "bf16": BF16Codec, "fp16": FP16Codec,
     "int8": Int8Codec, "int4": Int4Codec, "e3m0": E3M0Codec,
 }
+
+
+def wire_codec(codec: str | Codec | None) -> Codec | None:
+    """The codec to put on the wire, or None for "no codec" (full precision, the exact path).
+
+    ``None``, ``"identity"``, ``"none"`` and ``"fp32"`` all mean no codec; strategies and
+    transports normalise their ``codec=`` argument through this one function.
+    """
+    c = get_codec(codec)
+    return None if c.name == "identity" else c
 
 
 def register_codec(name: str, factory: Callable[..., Codec]) -> None:

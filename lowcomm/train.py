@@ -47,6 +47,7 @@ import torch
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
+from .outer.base import OuterOptimizer
 from .outer.registry import available, get_strategy
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -274,7 +275,7 @@ class _Layout:
 
     def __init__(self, transport: Transport, replica_size: int):
         self.transport = transport
-        self.replica_group = getattr(transport, "replica_group", None)
+        self.replica_group = transport.replica_group
         if self.replica_group is not None:
             import torch.distributed as dist
 
@@ -388,16 +389,16 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     inner_kind, peak_lr, knobs = _strategy_settings(cfg)
     inner = _make_inner(inner_kind, [p for p in model.parameters() if p.requires_grad], peak_lr, cfg)
     opt = get_strategy(cfg.strategy).build(inner, transport, model, **knobs)
+    if not isinstance(opt, OuterOptimizer):
+        raise ValueError(f"strategy {cfg.strategy!r} built a {type(opt).__name__}; a strategy must build a "
+                         f"lowcomm.OuterOptimizer")
 
-    step, tokens, bytes_base, elapsed_base = 0, 0, 0, 0.0
-    attach = getattr(transport, "attach", None)
-    if attach is not None:
-        # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
-        # Members of DiLoCo-like strategies hold the same global state, which the joiner checks.
-        attach(model, opt, verify_global=cfg.strategy in ("diloco", "fedavg", "streaming"))
-        step = int(getattr(opt, "local_step", 0))
-        stream.step = step  # batch k depends only on (seed, shard, k): the joiner continues the schedule
-        tokens = step * cfg.batch_size * m.seq_len
+    # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
+    # Members of strategies that share global state hold the same one, which the joiner checks.
+    transport.attach(model, opt, verify_global=opt.shares_global_state)
+    step, bytes_base, elapsed_base = opt.local_step, 0, 0.0
+    stream.step = step  # batch k depends only on (seed, shard, k): the joiner continues the schedule
+    tokens = step * cfg.batch_size * m.seq_len
     eval_curve: list[tuple[int, float]] = []
     if resume:
         found = (int(os.path.basename(os.path.normpath(resume))[5:]), resume) if isinstance(resume, str) \
@@ -466,21 +467,21 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             loss_sum += float(loss.detach())
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        n_log = len(opt.sync_log) if hasattr(opt, "sync_log") else 0
+        n_log = len(opt.sync_log)
         t0 = time.monotonic()
         t_fb = t0 - t_step
         opt.step()
-        if step + 1 == cfg.steps and getattr(opt, "flush", None) is not None:
+        if step + 1 == cfg.steps:
             opt.flush()  # land a sync still in flight (Streaming DiLoCo) before the final eval and exit
         opt.zero_grad(set_to_none=True)
         t_opt = time.monotonic() - t0
-        synced = hasattr(opt, "sync_log") and len(opt.sync_log) != n_log
+        synced = len(opt.sync_log) != n_log
         if synced:
             sync_seconds += t_opt
         timeline.append([t_fb, t_opt, synced])
         step += 1
         tokens += cfg.batch_size * m.seq_len
-        if attach is not None and getattr(opt, "local_step", step) != step:
+        if opt.local_step != step:
             # The run dropped this peer (it missed a sync) and it re-joined from a donor's snapshot
             # inside opt.step(): continue from the donor's step, on the schedule the run is on.
             say(f"re-joined the run at step {opt.local_step} (was at step {step})")
@@ -494,7 +495,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             tps = (tokens - tok_log) / max(1e-9, now - t_log)
             t_log, tok_log = now, tokens
             sent = bytes_base + transport.ledger.bytes_sent
-            syncs = getattr(opt, "sync_count", 0)
+            syncs = opt.sync_count
             eta = (cfg.steps - step) * (now - t_start) / max(1, step - start_step)
             say(f"step {step}/{cfg.steps}  loss {last_loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  "
                 f"sent {sent / 1e6:.2f} MB  syncs {syncs}  eta {eta:.0f}s")
@@ -504,7 +505,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
                 writer.add_scalar("train/tokens_per_second", tps, step)
                 writer.add_scalar("comm/bytes_sent", sent, step)
                 writer.add_scalar("comm/sync_seconds", sync_seconds, step)
-                writer.add_scalar("comm/failed_syncs", getattr(opt, "failed_syncs", 0), step)
+                writer.add_scalar("comm/failed_syncs", opt.failed_syncs, step)
         do_eval = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
         if do_eval and layout.chief:
             ev = evaluate(model, eval_batches, device, amp)
@@ -522,10 +523,9 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         writer.close()
     seconds = elapsed_base + time.monotonic() - t_start
     sent = bytes_base + transport.ledger.bytes_sent
-    res = TrainResult(step, tokens, final_eval, eval_curve, sent, getattr(opt, "sync_count", 0),
-                      getattr(opt, "failed_syncs", 0), seconds,
+    res = TrainResult(step, tokens, final_eval, eval_curve, sent, opt.sync_count, opt.failed_syncs, seconds,
                       [p.detach().to("cpu", copy=True) for p in model.parameters()], out_dir, timeline, start_step,
-                      list(getattr(opt, "sync_log", [])))
+                      list(opt.sync_log))
     if layout.leader:
         # Each replica's final weights (its local parameters), for inspection and comparisons.
         from safetensors.torch import save_file

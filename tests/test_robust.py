@@ -282,7 +282,7 @@ def test_noloco_rejects_far_partner_and_names_it():
     out = run_local(W, _train, make, world=world)
     opt = out[0][1]
     assert opt.sync_count == 0 and opt.failed_syncs == 4
-    assert [r[0] for r in opt.partner_screen.rejected] == [1] * 4
+    assert [r["member"] for r in opt.detections()] == [1] * 4
     assert "partner 1 rejected" in opt.sync_log[0].error
     clean = run_local(W, _train, make)
     assert clean[0][1].sync_count == 4 and not clean[0][1].partner_screen.rejected

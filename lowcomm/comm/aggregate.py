@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from .reduce import reduce_in_member_order
+
 __all__ = ["RULES", "Aggregate", "Screen", "aggregate", "get_aggregate", "lower_median"]
 
 RULES = ("mean", "clip", "trimmed_mean", "centered_clip")
@@ -147,12 +149,8 @@ class Aggregate:
         Yields W float64 values (this owner's row), expects the all-gathered (W x W) matrix
         back; returns ``(result fp32, Screen or None for "mean")``.
         """
-        w = len(parts)
         if self.rule == "mean":  # exactly the transports' arithmetic: ((x0 + x1) + x2) ... / W
-            acc = parts[0].to(torch.float32, copy=True)
-            for p in parts[1:]:
-                acc.add_(p)
-            return acc.div_(w), None
+            return reduce_in_member_order(parts, "mean"), None
         scr = self.screen(_combine((yield _sq_row(parts))))
         if not scr.keep:
             raise ValueError("every contribution was non-finite")

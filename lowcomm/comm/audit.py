@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from ..shards import shard_bounds
 from .adversary import Offence
 from .base import CommError, CommTimeout
+from .reduce import reduce_in_member_order
 
 __all__ = ["AuditBoard", "digest", "plain_audit", "robust_audit", "run_audit"]
 
@@ -160,26 +162,17 @@ def run_audit(tr: Any, board: AuditBoard, book: Any, seq: Any, rec: Any, members
                         f"{len(auditors)} auditors' recomputations disagree with")
 
 
-def _member_order_mean(parts: Sequence[torch.Tensor], op: str, w: int) -> torch.Tensor:
-    acc = parts[0].to(torch.float32, copy=True)  # the owners' arithmetic, in member order
-    for p in parts[1:]:
-        acc.add_(p)
-    return acc.div_(w) if op == "mean" else acc
-
-
 def plain_audit(orig: torch.Tensor, flat: torch.Tensor, w: int, op: str, codec: Any = None) -> tuple:
     """``(sent, results, decode, expected)`` of :func:`run_audit` for the plain (and quantized) sum/mean:
     ``orig`` this member's contribution, ``flat`` the op's result as this member holds it."""
-    from .p2p import shard_bounds
-
     b = shard_bounds(flat.numel(), w)
     if codec is None:
         return ([[orig[s:e]] for s, e in b], [[flat[s:e]] for s, e in b], lambda parts, j: parts[0],
-                lambda j, parts: [_member_order_mean(parts, op, w).to(flat.dtype)])
+                lambda j, parts: [reduce_in_member_order(parts, op).to(flat.dtype)])
     n = [e - s for s, e in b]
     return ([codec.encode(orig[s:e]) for s, e in b], [[flat[s:e]] for s, e in b],
             lambda parts, j: codec.decode(parts, n[j]),
-            lambda j, parts: [codec.decode(codec.encode(_member_order_mean(parts, op, w)), n[j])])
+            lambda j, parts: [codec.decode(codec.encode(reduce_in_member_order(parts, op)), n[j])])
 
 
 def robust_audit(orig: torch.Tensor, flat: torch.Tensor, w: int, agg: Any, codec: Any,
@@ -187,8 +180,6 @@ def robust_audit(orig: torch.Tensor, flat: torch.Tensor, w: int, agg: Any, codec
     """As :func:`plain_audit` for a robust rule: the recomputation replays the published norm rows
     and checks the owner's own row in each of them."""
     sent, results, decode, _ = plain_audit(orig, flat, w, "mean", codec)
-    from .p2p import shard_bounds
-
     b = shard_bounds(flat.numel(), w)
 
     def expected(j: int, parts: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -68,9 +68,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..codecs import wire_codec
+from ..shards import shard_bounds
 from .aggregate import RULES, get_aggregate
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, CommTimeout, Handle, OpRecord, PeerLost
-from .p2p import P2PTransport, _check_op, _dtype_groups, _flatten, _write_back, shard_bounds
+from .p2p import P2PTransport, _check_op, _dtype_groups, _flatten, _write_back
 
 __all__ = ["TorchDistTransport", "TransportFailed"]
 
@@ -511,7 +513,7 @@ class TorchDistTransport(_GroupP2P):
             return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec, aggregate, center))
         if self.hierarchical and self.replica_size > 1:
             return self._staged(tensors, lambda ts: self._hierarchical_all_reduce(ts, op, codec))
-        if self.native_all_reduce and (codec is None or getattr(codec, "name", codec) in ("identity", "none")):
+        if self.native_all_reduce and wire_codec(codec) is None:
             return self._staged(tensors, lambda ts: self._native_all_reduce(ts, op))
         return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec))
 
@@ -581,12 +583,7 @@ class TorchDistTransport(_GroupP2P):
 
     def _hierarchical_all_reduce(self, tensors: list[torch.Tensor], op: str, codec: Any) -> Handle:
         """Shard ``replica_rank`` of ``R`` goes across replicas; the replica all-gathers the shards."""
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-            if codec.name == "identity":
-                codec = None
+        codec = wire_codec(codec)
         members = self._members_or_raise()
         R, rr, intra = self.replica_size, self.replica_rank, self._intra
 

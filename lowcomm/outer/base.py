@@ -22,6 +22,7 @@ A new strategy subclasses :class:`OuterOptimizer` and implements :meth:`after_in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -152,7 +153,21 @@ class OuterOptimizer(torch.optim.Optimizer):
             :class:`~lowcomm.comm.aggregate.Aggregate` with its knobs (clip_ratio 3, trim 1,
             iters 3, hard_bound 100); see :mod:`lowcomm.comm.aggregate`. A rule the transport
             cannot serve raises ValueError here.
+
+    Capabilities a training loop may rely on (declared here, overridden by the strategies that
+    have them; loops never probe for attributes):
+
+    - :attr:`shares_global_state`: every member holds bit-identical global parameters, outer
+      state and counters after each committed sync (DiLoCo, Streaming DiLoCo), so a joining
+      member can check a donor's snapshot against the others'.
+    - :meth:`flush`: land a sync still in flight (call it after the last step).
+    - :attr:`compute_guard`: a context-manager factory around the strategy's own compute outside
+      the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
+    - :meth:`detections`: members this strategy itself screened out or rejected (robust
+      aggregation applied outside the transport: DeMo's decode, NoLoCo's partner screening).
     """
+
+    shares_global_state: bool = False
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
                  timeout: float | None = None, aggregate: Any = None):
@@ -199,6 +214,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.failed_syncs = 0  # syncs rolled back
         self.sync_log: list[SyncRecord] = []
         self.units: list[SyncUnit] = []
+        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -253,6 +269,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         """Called after every inner step (``self.local_step`` already counts it)."""
         raise NotImplementedError
 
+    def flush(self) -> bool | None:
+        """Land a sync still in flight, if any (None when nothing was in flight, else whether it
+        committed). Strategies whose syncs finish inside :meth:`step` have nothing to land."""
+        return None
+
     def extra_state_dict(self) -> dict[str, Any]:
         """Strategy-specific state (tensors and plain values) to save beside the common state."""
         return {}
@@ -265,6 +286,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         from .robust import resolve_aggregate
 
         return resolve_aggregate(self.transport, aggregate)
+
+    def detections(self) -> list[dict[str, Any]]:
+        """What this strategy screened out itself, oldest first: ``{"member", "kind", "step", ...}``
+        (the transport's own offences are counted by the transport)."""
+        return []
 
     def reduce_kwargs(self, name: str) -> dict[str, Any]:
         """The robust-aggregation keywords of ``all_reduce`` for the unit ``name`` (none for the mean)."""
@@ -314,9 +340,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_count += 1
         self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], True))
-        notify = getattr(self.transport, "on_sync_applied", None)
-        if notify is not None:  # lets a transport snapshot committed state (joining peers)
-            notify(self)
+        self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
 
     def handle_failure(self, pending: PendingSync, err: CommError,

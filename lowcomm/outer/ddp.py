@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..codecs import wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, SyncRecord
 from .registry import register_strategy
@@ -47,11 +48,7 @@ class DDP(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
                  strict: bool = False, timeout: float | None = None, aggregate: Any = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-        self.codec = codec
+        self.codec = wire_codec(codec)
         self.broadcast_initial()
 
     @torch.no_grad()

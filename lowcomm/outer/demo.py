@@ -72,9 +72,7 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -166,12 +164,14 @@ class DeMo(OuterOptimizer):
             self._val_dtype = params[0].dtype
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
-        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
         self.screened: list[tuple[int, int, str]] = []  # every screening: (step, member id, why)
         self.broadcast_initial()
         self._build(params)
+
+    def detections(self) -> list[dict[str, Any]]:
+        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
 
     def resolve_aggregate(self, aggregate: Any) -> Any:
         return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="DeMo")

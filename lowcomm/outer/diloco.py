@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..codecs import wire_codec
 from ..comm.base import Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_int
 from .registry import register_strategy
@@ -43,16 +44,14 @@ class DiLoCo(OuterOptimizer):
         timeout: seconds a sync may wait.
     """
 
+    shares_global_state = True
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
                  timeout: float | None = None, aggregate: Any = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-        self.codec = codec
+        self.codec = wire_codec(codec)
         self.broadcast_initial()
         self.units = [SyncUnit(self.params, outer_optimizer)]
 

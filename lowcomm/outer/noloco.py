@@ -159,6 +159,11 @@ class NoLoCo(OuterOptimizer):
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
                                                                         nesterov=nest))]
 
+    def detections(self) -> list[dict[str, Any]]:
+        rejected = [] if self.partner_screen is None else self.partner_screen.rejected
+        return [{"member": m, "kind": "partner_rejected", "step": st, "detail": f"distance {d:.3g} > {lim:.3g}"}
+                for st, m, d, lim in rejected]
+
     def resolve_aggregate(self, aggregate: Any) -> Any:
         from .robust import resolve_aggregate
 
@@ -209,7 +214,7 @@ class NoLoCo(OuterOptimizer):
         if self.partner_screen is not None:
             moved = math.sqrt(sum(float((p.double() - a.double()).pow(2).sum())
                                   for p, a in zip(unit.params, unit.anchors)))
-            check = self.partner_screen.check(me, moved)
+            check = self.partner_screen.check(me, moved, self.local_step)
         if self.sends_pseudo_grad:
             # theta := phi - theta in place (the sync resets theta anyway): the group averages
             # pseudo-gradients only, as DiLoCo does globally.

@@ -72,9 +72,9 @@ class PartnerScreen:
         self.ratio = float(ratio)
         self.history = history
         self.distances: list[float] = []
-        self.rejected: list[tuple[int, float, float]] = []  # (member, distance, threshold)
+        self.rejected: list[tuple[int, int, float, float]] = []  # (step, member, distance, threshold)
 
-    def check(self, me: int, own_movement: float):
+    def check(self, me: int, own_movement: float, step: int = 0):
         """The ``check=`` callback for ``transport.group_reduce``."""
 
         def check(received: dict[int, list[torch.Tensor]]) -> None:
@@ -84,7 +84,7 @@ class PartnerScreen:
             limit = self.ratio * (lower_median(self.distances) if self.distances else 2.0 * own_movement)
             for peer, d in dist.items():
                 if not math.isfinite(d) or d > limit:
-                    self.rejected.append((peer, d, limit))
+                    self.rejected.append((step, peer, d, limit))
                     raise CommError(f"NoLoCo partner {peer} rejected: its weights are {d:.4g} from ours, more than "
                                     f"{self.ratio:g} x the running median partner distance ({limit:.4g})")
             self.distances = (self.distances + list(dist.values()))[-self.history:]

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..codecs import ErrorFeedback, get_codec
+from ..codecs import ErrorFeedback, wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .diloco import sgd_outer
@@ -79,6 +79,8 @@ class StreamingDiLoCo(OuterOptimizer):
         timeout: seconds a sync may wait.
     """
 
+    shares_global_state = True
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, model: torch.nn.Module | None = None,
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
                  codec: Any = "e3m0", outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
@@ -100,9 +102,7 @@ class StreamingDiLoCo(OuterOptimizer):
                              f"is in flight at a time; lower overlap or raise sync_every")
         self.alpha = check_float("alpha", alpha, 0.0, 1.0)
         self.sync_every, self.num_fragments, self.overlap = H, F, tau
-        self.codec = None if codec is None else get_codec(codec)
-        if self.codec is not None and self.codec.name == "identity":
-            self.codec = None
+        self.codec = wire_codec(codec)
         self.broadcast_initial()
         self.units = [SyncUnit(g, outer_optimizer, name=f"fragment{i}") for i, g in enumerate(groups)]
         sizes = [sum(p.numel() for p in g) for g in groups]

@@ -363,7 +363,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 _load_weights(model, cfg.init_state)
         inner = make_inner([p for p in model.parameters() if p.requires_grad], inner_kind, lr, cfg.weight_decay)
         opt = strat.build(inner, transport, model=model, **knobs)
-        inner_opt = getattr(opt, "inner", opt)
+        inner_opt = opt.inner
         timer = {"t": 0.0, "t0": 0.0}
 
         # The inner step is compute: time it under the lock too. (Hooks, so a strategy's own
@@ -388,10 +388,9 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 finally:
                     timer["t"] += time.perf_counter() - t0
 
-        if hasattr(opt, "compute_guard"):
-            # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
-            # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
-            opt.compute_guard = guard
+        # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
+        # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
+        opt.compute_guard = guard
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
         stream = corpus.stream(rank, W, cfg.batch_size, cfg.seed)
         ops_before = transport.ledger.ops
@@ -413,7 +412,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             sched.step()
             compute.append(fb + timer["t"])
             train_losses.append(loss.item())
-            if step == cfg.steps and getattr(opt, "flush", None) is not None:
+            if step == cfg.steps:
                 # land a sync still in flight (Streaming DiLoCo's last fragment), so the final model
                 # has every sync and no collective is left unfinished when the workers stop
                 opt.flush()
@@ -423,16 +422,13 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
         return {
             "compute": compute,
-            "sync_log": list(getattr(opt, "sync_log", [])),
+            "sync_log": list(opt.sync_log),
             "records": list(transport.ledger.records),
             "op_step": op_step,
-            "syncs": int(getattr(opt, "sync_count", 0)),
-            "failed": int(getattr(opt, "failed_syncs", 0)),
-            "rejected": [{"member": m, "by": rank, "kind": "partner_rejected",
-                          "detail": f"distance {d:.3g} > {lim:.3g}"}
-                         for m, d, lim in getattr(getattr(opt, "partner_screen", None), "rejected", [])]
-            + [{"member": m, "by": rank, "kind": why, "step": st} for st, m, why in getattr(opt, "screened", [])],
-            "aggregate": getattr(getattr(opt, "aggregate", None), "rule", "mean"),
+            "syncs": opt.sync_count,
+            "failed": opt.failed_syncs,
+            "detections": [{**d, "by": rank} for d in opt.detections()],
+            "aggregate": opt.aggregate.rule,
         }
 
     results = run_local(W, worker, timeout=cfg.timeout, world=world)
@@ -441,7 +437,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
     book = world.book.summary()
     res.attack, res.attackers, res.aggregate = cfg.attack, cfg.attackers, results[0]["aggregate"]
     # NoLoCo's rejections are each honest worker's own; DeMo's screenings are the same on every worker
-    res.detections = book["detections"] + [d for r in results[:honest] for d in r["rejected"]
+    res.detections = book["detections"] + [d for r in results[:honest] for d in r["detections"]
                                            if d["kind"] == "partner_rejected" or d["by"] == 0]
     res.ejections = book["ejections"]
     res.audit = world.audits.summary() if world.audits.probability > 0 else None
