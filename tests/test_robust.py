@@ -360,3 +360,24 @@ def test_sim_attack_records_rule_detections_ejections(tmp_path):
         SimConfig(workers=3, attackers=3, attack="scale")
     with pytest.raises(ValueError, match="both"):
         SimConfig(workers=3, attack="scale")
+
+
+def test_trimmed_mean_goes_on_when_the_world_shrinks_below_2_trim_plus_1():
+    W = 3
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W))
+
+    def worker(t):
+        outs = []
+        for i in range(5):
+            buf = torch.full((6,), float(t.rank + i))
+            try:
+                t.all_reduce([buf], aggregate="trimmed_mean").wait(30)
+                outs.append(buf[0].item())
+            except Exception:  # noqa: BLE001 - the ejected attacker
+                outs.append(None)
+        return outs
+
+    out = run_local(W, worker, world=world)
+    assert list(world.book.ejected) == [2]
+    # screened out, the attacker leaves two values: their mean; then the two members alone
+    assert out[0] == out[1] == [0.5 + i for i in range(5)]

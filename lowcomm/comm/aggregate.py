@@ -16,7 +16,8 @@ Rules (``Aggregate(rule=...)``; ``aggregate=`` on every strategy takes a name, a
 - ``"clip"``: sender i's *whole* contribution is scaled by ``min(1, clip_ratio * m / |x_i|)``
   with ``m`` the median of the senders' norms (default ``clip_ratio`` 3), then averaged.
 - ``"trimmed_mean"``: coordinate-wise, the ``trim`` (default 1) highest and lowest values are
-  dropped and the rest averaged; ``ValueError`` if ``2*trim >= W``.
+  dropped and the rest averaged; ``ValueError`` if ``2*trim >= W`` (:meth:`Aggregate.check_world`,
+  at construction; if members are lost or screened out later, trim shrinks to ``(n - 1) // 2``).
 - ``"centered_clip"`` (Karimireddy, He, Jaggi 2021, arXiv 2012.10333, eq. (2); the rule BTARD
   uses): from ``v0`` = the previous sync's aggregate (zero at the first; the caller passes it as
   ``center``), ``iters`` (default 3) rounds of ``v <- v + mean_i clip(x_i - v, tau)``, with
