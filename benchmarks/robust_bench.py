@@ -59,7 +59,7 @@ def sim(args, strategy: str, rule: str, attack: str | None, attackers: int, step
     model = TINY if args.tiny else DEFAULT_MODEL
     cfg = SimConfig(workers=args.workers, steps=steps, batch_size=4 if args.tiny else 16, model=model,
                     seed=args.seed, eval_every=max(1, steps), eval_sequences=8 if args.tiny else 64,
-                    threads=args.threads, bandwidths=(100e6,), warmup=max(1, steps // 15),
+                    threads=args.threads, bandwidths=(100e6,), warmup_steps=max(1, steps // 15),
                     attackers=attackers if attack else 0, attack=attack, audit=args.audit)
     knobs = {"aggregate": rule}
     if args.sync_every:

@@ -87,6 +87,11 @@ def test_get_aggregate_and_bad_input():
     assert get_aggregate(None).rule == "mean"
     assert get_aggregate("clip", clip_ratio=2.0).clip_ratio == 2.0
     assert get_aggregate({"rule": "trimmed_mean", "trim": 2}).trim == 2
+    assert get_aggregate("clip:clip_ratio=2:hard_bound=50") == Aggregate("clip", clip_ratio=2.0, hard_bound=50.0)
+    assert get_aggregate("centered_clip:iters=5").iters == 5
+    for bad in ("clip:ratio=2", "clip:clip_ratio", "trimmed_mean:trim=x"):
+        with pytest.raises(ValueError, match="aggregate spec"):
+            get_aggregate(bad)
     for bad in ({"rule": "median"}, {"rule": "clip", "clip_ratio": 0}, {"rule": "centered_clip", "iters": 0},
                 {"rule": "clip", "hard_bound": 0.5}):
         with pytest.raises(ValueError):
@@ -350,7 +355,7 @@ def test_sim_attack_records_rule_detections_ejections(tmp_path):
 
     tiny = GPTConfig(n_layer=1, n_embd=16, n_head=2, seq_len=16)
     cfg = SimConfig(workers=3, steps=6, batch_size=2, model=tiny, eval_every=3, eval_sequences=4, threads=1,
-                    warmup=1, attackers=1, attack="scale")
+                    warmup_steps=1, attackers=1, attack="scale")
     r = run_strategy("diloco", cfg, {"sync_every": 2, "aggregate": "clip"})
     assert r.attack == "scale" and r.aggregate == "clip" and r.attackers == 1
     assert [d["member"] for d in r.detections] == [2, 2, 2] and r.ejections[0]["member"] == 2

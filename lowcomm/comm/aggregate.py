@@ -182,9 +182,27 @@ class Aggregate:
         return v, scr
 
 
+def _parse_spec(spec: str) -> dict[str, Any]:
+    """``"clip:clip_ratio=2:hard_bound=50"`` -> ``{"rule": "clip", "clip_ratio": 2.0, "hard_bound": 50.0}``."""
+    rule, *opts = spec.strip().split(":")
+    out: dict[str, Any] = {"rule": rule.strip()}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        key = key.strip()
+        if not eq or key not in ("clip_ratio", "trim", "iters", "hard_bound"):
+            raise ValueError(f"aggregate spec {spec!r}: options are clip_ratio=, trim=, iters=, hard_bound= "
+                             f"(e.g. 'clip:clip_ratio=2'), got {opt!r}")
+        try:
+            out[key] = int(value) if key in ("trim", "iters") else float(value)
+        except ValueError:
+            raise ValueError(f"aggregate spec {spec!r}: {key} takes a number, got {value!r}") from None
+    return out
+
+
 def get_aggregate(spec: Any, **knobs: Any) -> Aggregate:
-    """An :class:`Aggregate` from a rule name (plus ``clip_ratio``/``trim``/``iters``/``hard_bound``),
-    a dict of its fields, an Aggregate, or None (``"mean"``)."""
+    """An :class:`Aggregate` from a rule name or spec (``"clip:clip_ratio=2"``; options clip_ratio,
+    trim, iters, hard_bound; or the same as keyword ``knobs``), a dict of its fields, an Aggregate,
+    or None (``"mean"``)."""
     if isinstance(spec, Aggregate):
         if knobs:
             raise ValueError("pass the knobs inside the Aggregate, not beside it")
@@ -194,7 +212,7 @@ def get_aggregate(spec: Any, **knobs: Any) -> Aggregate:
     if isinstance(spec, dict):
         return Aggregate(**{**spec, **knobs})
     if isinstance(spec, str):
-        return Aggregate(spec, **{k: v for k, v in knobs.items() if v is not None})
+        return Aggregate(**{**_parse_spec(spec), **{k: v for k, v in knobs.items() if v is not None}})
     raise ValueError(f"aggregate must be a rule name {RULES}, a dict or an Aggregate, got {spec!r}")
 
 

@@ -216,13 +216,14 @@ class P2PTransport(Transport):
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
-            flat = self._contribution((seq, 0), members, _flatten(tensors, range(len(tensors)), torch.float32))
+            idxs = list(range(len(tensors)))
+            flat = self._contribution((seq, 0), members, _flatten(tensors, idxs, torch.float32))
             orig = flat.clone() if self._auditing() else None
             if agg.robust:
                 from .audit import robust_audit
                 from .robust import robust_reduce
 
-                c = None if center is None else _flatten(list(center), range(len(tensors)), torch.float32)
+                c = None if center is None else _flatten(list(center), idxs, torch.float32)
                 mats = robust_reduce(self, seq, rec, members, me, flat, agg, codec, c, deadline,
                                      shard_bounds(flat.numel(), w),
                                      on_screen=lambda scr, parts: self._on_screen(seq, members, scr, parts),
@@ -235,16 +236,7 @@ class P2PTransport(Transport):
                     from .audit import plain_audit
 
                     self._audit((seq, 0), rec, members, deadline, plain_audit(orig, flat, w, op, codec))
-
-            def finish_q():
-                off = 0
-                with torch.no_grad():
-                    for t in tensors:
-                        n = t.numel()
-                        t.copy_(flat[off:off + n].view(t.shape))
-                        off += n
-                return tensors
-            return finish_q
+            return _write_back([(flat, idxs)], tensors)
 
         return self._start("all_reduce", members, body)
 

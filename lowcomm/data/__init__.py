@@ -12,7 +12,7 @@
 """
 
 from .corpus import DEFAULT_CORPUS, Corpus, TokenArray, load_corpus, stdlib_files
-from .loader import ShardBatchSampler, ShardLoader, TokenWindows, collate_tokens, load_dataset
+from .loader import ShardBatchSampler, ShardLoader, TokenWindows, collate_tokens, held_out_batches, load_dataset
 
 __all__ = ["DEFAULT_CORPUS", "Corpus", "ShardBatchSampler", "ShardLoader", "TokenArray", "TokenWindows",
-           "collate_tokens", "load_corpus", "load_dataset", "stdlib_files"]
+           "collate_tokens", "held_out_batches", "load_corpus", "load_dataset", "stdlib_files"]

@@ -33,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..shards import shard_bounds
 
-__all__ = ["ShardBatchSampler", "ShardLoader", "TokenWindows", "collate_tokens", "load_dataset"]
+__all__ = ["ShardBatchSampler", "ShardLoader", "TokenWindows", "collate_tokens", "held_out_batches", "load_dataset"]
 
 
 # numpy's SeedSequence (O'Neill's seed_seq_fe; numpy.random.bit_generator) and PCG64's seeding, vectorised
@@ -299,3 +299,18 @@ def load_dataset(spec: str | Callable[..., Dataset], **kwargs: Any) -> Dataset:
     if isinstance(ds, IterableDataset):
         _require_stateful_iterable(ds)
     return ds
+
+
+def held_out_batches(dataset: Dataset, batch_size: int, sequences: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``sequences`` items of a held-out dataset, in order, as fixed ``(inputs, targets)`` batches."""
+    items: list[Any] = []
+    if isinstance(dataset, IterableDataset):
+        for item in dataset:
+            items.append(item)
+            if len(items) >= sequences:
+                break
+    else:
+        items = [dataset[i] for i in range(min(sequences, len(dataset)))]
+    if not items:
+        raise ValueError(f"the held-out dataset {type(dataset).__name__} is empty; give split='eval' some items")
+    return [collate_tokens(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]

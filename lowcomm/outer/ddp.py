@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +23,9 @@ import torch
 from ..codecs import wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, SyncRecord
-from .registry import register_strategy
-from .robust import aggregate_knobs
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["DDP"]
+__all__ = ["DDP", "DDPConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,16 @@ class DDP(OuterOptimizer):
         codec: optional wire codec for the all-reduce (None: fp32 as the gradients are).
         strict: raise on a failed all-reduce instead of skipping that step.
         timeout: seconds an all-reduce may wait.
-        aggregate: robust aggregation rule of the gradients (see :class:`~.base.OuterOptimizer`).
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
 
     A failed all-reduce skips the step (the gradients are dropped, parameters unchanged,
     so the replicas stay identical), is logged and counted, and membership is refreshed.
     """
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
-                 strict: bool = False, timeout: float | None = None, aggregate: Any = None):
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.codec = wire_codec(codec)
         self.broadcast_initial()
@@ -90,13 +92,16 @@ class DDP(OuterOptimizer):
         self.local_step = step
         return loss
 
-    def after_inner_step(self) -> None:  # step() is overridden; nothing happens after the inner step
-        pass
+
+@dataclass
+class DDPConfig(StrategyConfig):
+    """The data-parallel baseline's knobs."""
+
+    codec: str | None = None  # wire codec of the gradient all-reduce; None: fp32
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
+
+    def build(self, inner, transport, model=None) -> DDP:
+        return DDP(inner, transport=transport, codec=self.codec, aggregate=self.aggregate)
 
 
-def _build(inner, transport, model=None, *, codec: Any = None, aggregate: str = "mean", clip_ratio: float = 3.0,
-           trim: int = 1, iters: int = 3) -> DDP:
-    return DDP(inner, transport=transport, codec=codec, aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
-
-
-register_strategy("ddp", _build, {}, "data parallel: all-reduce (mean) of gradients every step")
+register_strategy("ddp", DDPConfig, "data parallel: all-reduce (mean) of gradients every step")

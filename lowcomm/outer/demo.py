@@ -73,17 +73,18 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport
 from ..dct import ChunkedDCT, chunk_size
 from .base import OuterOptimizer, PendingSync, SyncRecord, check_float, check_int
-from .registry import register_strategy
-from .robust import aggregate_knobs, resolve_aggregate, sender_factors
+from .registry import StrategyConfig, register_strategy
+from .robust import resolve_aggregate, sender_factors
 
-__all__ = ["DeMo", "index_dtype"]
+__all__ = ["DeMo", "DeMoConfig", "index_dtype"]
 
 _VALUES = ("bf16", "fp32", "param", "sign")
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -101,12 +102,6 @@ def index_dtype(chunk_numel: int) -> torch.dtype:
 
 
 _IDX_ORDER = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
-
-
-class _Unit:
-    """Names DeMo's per-step exchange in ``sync_log`` (DeMo keeps no global copy of the model)."""
-
-    name = "all"
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -142,7 +137,7 @@ class DeMo(OuterOptimizer):
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, topk: int = 32, chunk: int = 64,
                  decay: float = 0.999, sign: bool = True, weight_decay: float = 0.0, values: str = "bf16",
-                 strict: bool = False, timeout: float | None = None, aggregate: Any = None):
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.topk = check_int("topk", topk, 1, "it is the number of DCT coefficients kept per chunk (paper: 32)")
         self.chunk = check_int("chunk", chunk, 1, "it is the target chunk edge (paper: 64)")
@@ -278,15 +273,12 @@ class DeMo(OuterOptimizer):
 
     def payload_bytes(self) -> int:
         """Bytes of one worker's payload (what it sends to each peer every step)."""
-        idx = sum(n * torch.empty((), dtype=dt).element_size() for dt, n in self._idx_groups)
+        idx = sum(n * dt.itemsize for dt, n in self._idx_groups)
         if self.values == "sign":
             return idx + -(-self._nvalues // 8) + 2 * self._nchunks
-        return idx + self._nvalues * torch.empty((), dtype=self._val_dtype).element_size()
+        return idx + self._nvalues * self._val_dtype.itemsize
 
     # ---- the step ----------------------------------------------------------------------------------
-    def after_inner_step(self) -> None:  # DeMo overrides step(); the inner step runs inside it
-        pass
-
     def step(self, closure: Any = None) -> Any:
         """Momentum, compress, all-gather, decode, then the inner step (skipped if the exchange fails)."""
         loss = None
@@ -378,7 +370,7 @@ class DeMo(OuterOptimizer):
             handle = self.transport.all_gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
-        pending = PendingSync(_Unit(), handle, [], self.local_step)  # type: ignore[arg-type]
+        pending = PendingSync(None, handle, [], self.local_step)  # DeMo keeps no global copy: no unit
 
         # Error feedback: delta_new -= what was sent. In DCT space that is a sparse subtraction at
         # distinct positions (the paper subtracts IDCT(sent) in parameter space; the DCT is linear
@@ -459,17 +451,25 @@ class DeMo(OuterOptimizer):
                 f"chunk={self.chunk}, values={self.values!r}, payload={self.payload_bytes()} B)")
 
 
-def _build(inner, transport, model=None, *, topk: int = 32, chunk: int = 64, decay: float = 0.999,
-           sign: bool = True, weight_decay: float = 0.0, values: str = "bf16", aggregate: str = "mean",
-           clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> DeMo:
-    return DeMo(inner, transport=transport, topk=topk, chunk=chunk, decay=decay, sign=sign,
-                weight_decay=weight_decay, values=values, aggregate=aggregate_knobs(aggregate, clip_ratio, trim, iters))
+@dataclass
+class DeMoConfig(StrategyConfig):
+    """DeMo's knobs (defaults: the paper's, arXiv 2411.19870); it wraps plain SGD, as the paper does."""
+
+    inner: ClassVar[str | None] = "sgd"
+
+    topk: int = 32  # DCT coefficients kept per chunk
+    chunk: int = 64  # target chunk edge
+    decay: float = 0.999  # momentum decay beta
+    sign: bool = True  # step with the sign of the decoded aggregate
+    weight_decay: float = 0.0  # DeMo's decoupled weight decay (0 with an inner AdamW that decays)
+    values: str = "bf16"  # wire type of the kept coefficients: bf16 | fp32 | param | sign
+    aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
+
+    def build(self, inner, transport, model=None) -> DeMo:
+        return DeMo(inner, transport=transport, topk=self.topk, chunk=self.chunk, decay=self.decay, sign=self.sign,
+                    weight_decay=self.weight_decay, values=self.values, aggregate=self.aggregate)
 
 
-# Simulator defaults: lr 3e-3 was the best of {2e-3, 3e-3, 5e-3} for sign descent on the simulator's
-# 300-step GPT run, and decay 0.99 beat the paper's 0.999 there (a 0.999 momentum outlives such a short
-# run); see benchmarks/README.md. The class keeps the paper's defaults.
-register_strategy("demo", _build, {"inner": "sgd", "lr": 3e-3, "topk": 32, "chunk": 64, "decay": 0.99,
-                                   "sign": True, "weight_decay": 0.0, "values": "bf16"},
+register_strategy("demo", DeMoConfig,
                   "DeMo: every step, all-gather the top-k DCT coefficients of each chunk of the momentum; "
                   "sign-SGD on their mean")

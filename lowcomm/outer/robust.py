@@ -19,16 +19,9 @@ import torch
 
 from ..comm.base import Aggregate, CommError, get_aggregate, lower_median
 
-__all__ = ["PartnerScreen", "aggregate_knobs", "resolve_aggregate", "sender_factors"]
+__all__ = ["PartnerScreen", "resolve_aggregate", "sender_factors"]
 
 log = logging.getLogger(__name__)
-
-
-def aggregate_knobs(aggregate: Any = "mean", clip_ratio: float = 3.0, trim: int = 1, iters: int = 3) -> Aggregate:
-    """The builders' flat knobs (``--aggregate RULE --set clip_ratio=...``) as an :class:`Aggregate`."""
-    if isinstance(aggregate, (Aggregate, dict)):
-        return get_aggregate(aggregate)
-    return Aggregate(aggregate or "mean", clip_ratio=clip_ratio, trim=trim, iters=iters)
 
 
 def resolve_aggregate(transport: Any, aggregate: Any, allowed: Sequence[str] | None = None,
