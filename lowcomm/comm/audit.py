@@ -58,6 +58,7 @@ class AuditBoard:
         self.extra_bytes = 0  # bytes the audits moved (contributions fetched by auditors)
         self.found: dict[Any, tuple[int, str, int]] = {}  # op key -> (op number, "owner"|"sender", member)
         self._opnum: dict[Any, int] = {}
+        self._done: dict[Any, int] = {}
         self.audits: list[dict[str, Any]] = []  # {"op": n, "shard": j, "auditors": [...], "verdict": ...}
 
     def report(self, key: Any, rank: int, members: Sequence[int], sent: list[str], results: list[str],
@@ -83,6 +84,14 @@ class AuditBoard:
                     self.audits.append({"op": self.ops, "shard": j, "owner": members[j], "auditors": draw[1]})
                 self._draws[key] = draw
             return self._draws[key]
+
+    def done(self, key: Any, members: int) -> None:
+        """A member is through with op ``key``'s audit; the last one frees the op's records."""
+        with self._cv:
+            self._done[key] = self._done.get(key, 0) + 1
+            if self._done[key] >= members:
+                for d in (self._reports, self._draws, self._verdicts, self._opnum, self._done):
+                    d.pop(key, None)
 
     def named(self, key: Any, kind: str, member: int) -> None:
         with self._cv:
@@ -126,9 +135,15 @@ def run_audit(tr: Any, board: AuditBoard, book: Any, seq: Any, rec: Any, members
     """
     me = tr.rank
     draw = board.report(seq, me, members, [digest(p) for p in sent], [digest(p) for p in results], deadline)
-    if draw is None:
-        return
-    j, auditors = draw
+    try:
+        if draw is not None:
+            _audit_shard(tr, board, book, seq, rec, members, sent, results, decode, expected, deadline, *draw)
+    finally:
+        board.done(seq, len(members))
+
+
+def _audit_shard(tr, board, book, seq, rec, members, sent, results, decode, expected, deadline, j, auditors):
+    me = tr.rank
     owner = members[j]
     for a in auditors:
         if a != me:
