@@ -206,7 +206,8 @@ def lying(args) -> dict[str, Any]:
     ops = sum(r["ops"] for r in rows)
     extra = sum(r["extra_bytes"] for r in rows) / ops / W
     base = statistics.mean(r["allreduce_bytes_per_member"] for r in rows) / args.lying_ops
-    print(f"\nlying owner among W={W}, audit {args.audit}, P={P}, {len(rows)} seeds x {args.lying_ops} ops\n")
+    print(f"\nlying owner among W={W}, audit {args.audit}, P={P}, {len(rows)} seeds x {args.lying_ops} ops "
+          f"(one shard of W audited per drawn op: {W / args.audit:g} ops to the first detection expected)\n")
     print("| ops until detection (mean) | detected in | liar named every time, nobody else | audit bytes/op/member "
           "| vs all-reduce bytes/op/member |\n|---|---|---|---|---|")
     print(f"| {statistics.mean(found) if found else 'n/a'} | {len(found)}/{len(rows)} seeds | "
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--audit", type=float, default=0.1)
-    ap.add_argument("--lying-ops", type=int, default=200, help="all-reduces per seed in the lying phase")
+    ap.add_argument("--lying-ops", type=int, default=1000, help="all-reduces per seed in the lying phase")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="a tiny model (smoke runs)")
     ap.add_argument("--out", default=None)
