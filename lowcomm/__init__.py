@@ -7,6 +7,7 @@ Replace your optimizer with a lowcomm outer optimizer; nothing else in the loop 
 """
 
 from .comm import CommError, PeerLost, Transport, connect
+from .comm.aggregate import Aggregate
 from .comm.local import run_local
 from .outer import (
     DDP,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DDP",
+    "Aggregate",
     "CommError",
     "DDPConfig",
     "DeMo",

@@ -131,6 +131,11 @@ def scenario_two(t):
     s = [torch.randn(33, generator=g).to(torch.bfloat16)]
     t.all_reduce(s, op="sum").wait(60)
     out["sum/bf16"] = s[0]
+    for rule, codec in (("clip", None), ("centered_clip", None), ("clip", "int8")):  # robust aggregation
+        x = [torch.randn(37, generator=g) * (1 + 5 * r), torch.randn(3, 5, generator=g).to(torch.bfloat16)]
+        center = [torch.full((37,), 0.5), torch.zeros(3, 5, dtype=torch.bfloat16)]
+        t.all_reduce(x, codec=codec, aggregate=rule, center=center if rule == "centered_clip" else None).wait(60)
+        out[f"robust/{rule}/{codec}/0"], out[f"robust/{rule}/{codec}/1"] = x
     meta["ledger_all"] = ledger_rows(t.ledger)
     return out, meta
 
@@ -204,7 +209,14 @@ def main(scenario, outdir):
         t = lowcomm.connect(timeout=60)
         out, meta = scenario_two(t)
         meta["repr"] = repr(t)
-        native_vs_p2p(t, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
+        native = TorchDistTransport(1, timeout=60, native_all_reduce=True)
+        native_vs_p2p(t, native, out, meta)
+        for name, tr in (("native", native), ("hierarchical", TorchDistTransport(1, timeout=60, hierarchical=True))):
+            try:  # a robust rule where the transport cannot apply it: ValueError at construction, no collective
+                lowcomm.DiLoCo(torch.optim.SGD(make_model().parameters(), lr=0.1), transport=tr, aggregate="clip")
+                meta[f"{name}_robust"] = "accepted"
+            except ValueError as e:
+                meta[f"{name}_robust"] = str(e)
         save(outdir, rank, out, meta)
         # a member that stalls: rank 0 times out at its deadline, then rank 1 fails too
         meta["stall"] = stall_run(TorchDistTransport(1, timeout=3), rank, outdir)

@@ -218,6 +218,15 @@ def test_native_ring_all_reduce_matches_p2p(two, four):
             assert kind == "all_reduce" and nbytes == 2 * (w - 1) * 52 * 4 // w
 
 
+def test_robust_rules_refused_where_they_cannot_run(two):
+    for _, meta in two:
+        for name in ("native", "hierarchical"):
+            assert "cannot aggregate with 'clip'" in meta[f"{name}_robust"], meta[f"{name}_robust"]
+    # (the robust all-reduces of scenario_two are bit-identical to the local transport's:
+    # test_collectives_bit_identical_to_local compares every robust/ key too)
+    assert torch.equal(two[0][0]["robust/clip/int8/0"], two[1][0]["robust/clip/int8/0"])
+
+
 def test_stalled_member_times_out(two):
     """Rank 1 stays away from an all_reduce: rank 0 fails at its 3 s deadline naming member 1;
     rank 1, arriving later, fails too instead of hanging."""

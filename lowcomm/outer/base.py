@@ -155,6 +155,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         transport: a lowcomm transport (``lowcomm.connect()``, a local transport, ...).
         strict: raise on a failed sync instead of rolling back and going on.
         timeout: seconds a sync may wait (default: the transport's own deadline).
+        aggregate: how the members' contributions are combined: ``"mean"`` (default, exact),
+            ``"clip"``, ``"trimmed_mean"``, ``"centered_clip"``, a dict or an
+            :class:`~lowcomm.comm.aggregate.Aggregate` with its knobs (clip_ratio 3, trim 1,
+            iters 3, hard_bound 100); see :mod:`lowcomm.comm.aggregate`. A rule the transport
+            cannot serve raises ValueError here.
 
     Capabilities a training loop may rely on (declared here, overridden by the strategies that
     have them; loops never probe for attributes):
@@ -165,12 +170,14 @@ class OuterOptimizer(torch.optim.Optimizer):
     - :meth:`flush`: land a sync still in flight (call it after the last step).
     - :attr:`compute_guard`: a context-manager factory around the strategy's own compute outside
       the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
+    - :meth:`detections`: members this strategy itself screened out or rejected (robust
+      aggregation applied outside the transport: DeMo's decode, NoLoCo's partner screening).
     """
 
     shares_global_state: bool = False
 
     def __init__(self, inner: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, transport: Transport,
-                 strict: bool = False, timeout: float | None = None):
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = None):
         inner = as_inner(inner)
         if isinstance(inner, OuterOptimizer):
             raise ValueError("inner is already a lowcomm OuterOptimizer; wrap the plain torch optimizer instead")
@@ -200,6 +207,9 @@ class OuterOptimizer(torch.optim.Optimizer):
         # set those assignments are dropped, and the inner optimizer keeps its own.
         super().__init__(inner.param_groups, inner.defaults)
         self.inner = inner
+        self.aggregate = self.resolve_aggregate(aggregate)
+        # centered_clip starts each sync from the previous committed aggregate of the same unit
+        self._centers: dict[str, list[torch.Tensor]] = {}
         self.strict = bool(strict)
         self.timeout = timeout
         self.local_step = 0  # inner steps taken
@@ -284,6 +294,28 @@ class OuterOptimizer(torch.optim.Optimizer):
     def load_extra_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state_dict` saved."""
 
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        """Check ``aggregate=`` against the transport (strategies that apply rules elsewhere override)."""
+        from .robust import resolve_aggregate
+
+        return resolve_aggregate(self.transport, aggregate)
+
+    def detections(self) -> list[dict[str, Any]]:
+        """What this strategy screened out itself, oldest first: ``{"member", "kind", "step", ...}``
+        (the transport's own offences are counted by the transport)."""
+        return []
+
+    def reduce_kwargs(self, name: str) -> dict[str, Any]:
+        """The robust-aggregation keywords of ``all_reduce`` for the unit ``name`` (none for the mean)."""
+        if not self.aggregate.robust:
+            return {}
+        return {"aggregate": self.aggregate, "center": self._centers.get(name)}
+
+    def remember_center(self, name: str, result: Sequence[torch.Tensor]) -> None:
+        """After a committed all-reduce: its result is the next ``centered_clip`` start of ``name``."""
+        if self.aggregate.rule == "centered_clip":
+            self._centers[name] = [b.detach().clone() for b in result]
+
     # ---- shared machinery ------------------------------------------------------------------------
     @torch.no_grad()
     def broadcast_initial(self, tensors: Sequence[torch.Tensor] | None = None) -> None:
@@ -299,7 +331,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         failed handle, so :meth:`finish` rolls back the same way as for a failure in flight.
         """
         try:
-            handle = self.transport.all_reduce(buffers, op="mean", codec=codec)
+            handle = self.transport.all_reduce(buffers, op="mean", codec=codec, **self.reduce_kwargs(unit.name))
         except CommError as e:
             handle = Handle.failed(e)
         return PendingSync(unit, handle, buffers, self.local_step)
@@ -316,6 +348,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         except CommError as e:
             self.handle_failure(pending, e, rollback)
             return False
+        self.remember_center(pending.unit.name, pending.buffers)
         apply(pending)
         self.sync_count += 1
         self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
@@ -355,6 +388,7 @@ class OuterOptimizer(torch.optim.Optimizer):
             "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
+            **({"centers": {k: list(v) for k, v in self._centers.items()}} if self._centers else {}),
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -389,3 +423,4 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_count = int(c["sync_count"])
         self.failed_syncs = int(c.get("failed_syncs", 0))
         self.load_extra_state_dict(state_dict.get("extra", {}))
+        self._centers = {k: [t.detach().clone() for t in v] for k, v in state_dict.get("centers", {}).items()}

@@ -41,6 +41,9 @@ class DiLoCo(OuterOptimizer):
         outer_optimizer: a factory ``params -> torch.optim.Optimizer`` for the global parameters,
             used instead of the SGD that ``outer_lr``/``outer_momentum``/``nesterov`` describe.
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
@@ -50,8 +53,8 @@ class DiLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
-                 timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.codec = wire_codec(codec)
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
@@ -98,10 +101,12 @@ class DiLoCoConfig(StrategyConfig):
     outer_momentum: float = 0.9  # outer SGD momentum
     nesterov: bool = True  # Nesterov outer momentum
     codec: str | None = None  # wire codec of the all-reduce (lowcomm.codecs spec); None: fp32
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
         return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
-                      outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec)
+                      outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec,
+                      aggregate=self.aggregate)
 
 
 @dataclass
@@ -110,9 +115,11 @@ class FedAvgConfig(StrategyConfig):
 
     sync_every: int = 500  # H, inner steps between syncs
     codec: str | None = None  # wire codec of the all-reduce; None: fp32
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
-        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=1.0, outer_momentum=0.0,
+        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, aggregate=self.aggregate,
+                      outer_lr=1.0, outer_momentum=0.0,
                       nesterov=False, codec=self.codec)
 
 

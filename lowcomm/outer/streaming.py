@@ -74,6 +74,9 @@ class StreamingDiLoCo(OuterOptimizer):
             instead of that SGD.
         error_feedback: carry each fragment's quantization error into its next sync.
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
@@ -84,8 +87,9 @@ class StreamingDiLoCo(OuterOptimizer):
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
                  codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
-                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None,
+                 aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         from ..fragments import split_fragments
 
         H = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between two syncs of a "
@@ -267,12 +271,14 @@ class StreamingDiLoCoConfig(StrategyConfig):
     nesterov: bool = True  # Nesterov outer momentum
     error_feedback: bool = False  # carry each fragment's quantization error into its next sync
     fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> StreamingDiLoCo:
         return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
                                fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
                                outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
-                               error_feedback=self.error_feedback, fragment_mode=self.fragment_mode)
+                               error_feedback=self.error_feedback, fragment_mode=self.fragment_mode,
+                               aggregate=self.aggregate)
 
 
 register_strategy("streaming", StreamingDiLoCoConfig,
