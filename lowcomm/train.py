@@ -46,6 +46,7 @@ import torch
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .comm.base import Transport
 from .loop import environment, eval_batches, evaluate, lr_factor, worker_step
+from .progress import Progress
 from .train_config import ModelConfig, TrainConfig, TrainResult, apply_overrides, load_recipe
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -234,6 +235,11 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     last_loss = float("nan")
     final_eval = float("nan")
     timeline: list[list] = []
+    # A bar with an ETA on a terminal (the chief's default output only); plain lines otherwise.
+    bar = Progress([(cfg.name, cfg.steps)], enabled=progress is _say and layout.chief)
+    bar.update(step)
+    if bar.tty:
+        say = bar.write
     while step < cfg.steps:
         if stop is not None and stop.is_set():
             say(f"stopping at step {step} (asked to)")
@@ -251,6 +257,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
             sync_seconds += t_opt
         timeline.append([t_fb, t_opt, synced])
         step += 1
+        bar.update()
         tokens += cfg.batch_size * m.seq_len
         if opt.local_step != step:
             # The run dropped this peer (it missed a sync) and it re-joined from a donor's snapshot
@@ -289,6 +296,7 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _save(cfg, out_dir, layout, model, opt, stream, step, tokens,
                   bytes_base + transport.ledger.bytes_sent, elapsed_base + time.monotonic() - t_start, eval_curve)
+    bar.close()
     if writer is not None:
         writer.flush()
         writer.close()

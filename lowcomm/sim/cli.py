@@ -19,6 +19,7 @@ from typing import Any
 from ..loop import INNER_KEYS
 from ..models import GPTConfig
 from ..outer.registry import get_strategy
+from ..progress import Progress
 from .runner import DEFAULT_BANDWIDTHS, Projection, RunResult, SimConfig, build_knobs, run_strategy
 
 __all__ = ["DEFAULT_MODEL", "add_arguments", "main", "parse_knobs", "run"]
@@ -142,8 +143,12 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
-        progress=None, lr_given: bool = False) -> list[RunResult]:
-    """Run every strategy in ``names`` on ``cfg`` and write the outputs into ``out``."""
+        progress: Progress | None = None, lr_given: bool = False) -> list[RunResult]:
+    """Run every strategy in ``names`` on ``cfg`` and write the outputs into ``out``.
+
+    ``progress``: a :class:`~lowcomm.progress.Progress` with bars ``"all"`` and ``"strategy"``
+    (ETA of the whole job and of the strategy running), and the evaluation lines.
+    """
     from ..web import write_report
     from .report import plot as write_plot
     from .report import report_data, write_results
@@ -168,7 +173,10 @@ def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None
             over = dict(knobs)
             if lr_given:
                 over["lr"] = cfg.lr
-            runs.append(run_strategy(n, cfg, over, progress=progress, writer=writer))
+            if progress is not None:
+                progress.reset("strategy", cfg.steps, n)
+            runs.append(run_strategy(n, cfg, over, progress=None if progress is None else progress.write,
+                                     writer=writer, on_step=None if progress is None else lambda _s: progress.update()))
             if out:
                 write_results(os.path.join(out, "results.json"), runs, cfg)
     finally:
@@ -191,11 +199,16 @@ def main(args: argparse.Namespace) -> int:
     knobs = parse_knobs(args.set)
     if args.sync_every is not None:
         knobs["sync_every"] = args.sync_every
-    progress = None if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.monotonic()
     print(f"lowcomm sim: {', '.join(names)} | {cfg.workers} workers x {cfg.steps} steps, batch {cfg.batch_size} "
           f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'} | out: {args.out}", flush=True)
-    runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress, lr_given=args.lr is not None)
+    progress = None if args.quiet else Progress([("all", len(names) * cfg.steps), ("strategy", cfg.steps)])
+    try:
+        runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress,
+                   lr_given=args.lr is not None)
+    finally:
+        if progress is not None:
+            progress.close()
     print()
     print(table(runs, cfg))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')} and TensorBoard "

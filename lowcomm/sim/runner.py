@@ -212,8 +212,12 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = None,
-                 progress: Callable[[str], None] | None = None, writer: Any = None) -> RunResult:
+                 progress: Callable[[str], None] | None = None, writer: Any = None,
+                 on_step: Callable[[int], None] | None = None) -> RunResult:
     """Train with strategy ``name`` on ``cfg.workers`` simulated workers and simulate its wall-clock.
+
+    ``progress`` gets a line at every evaluation; ``on_step(step)`` is called after every step of
+    worker 0 (the progress bar).
 
     ``overrides``: knobs over the simulator's preset; as in :func:`build_knobs`, each goes to the
     strategy only if it has it (``lowcomm sim`` checks that every knob is taken by one strategy).
@@ -342,6 +346,8 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             compute.append(res.compute_seconds + timer["t"])
             train_losses.append(res.loss)
             op_step.extend([step] * (transport.ledger.ops - len(op_step)))
+            if on_step is not None and rank == 0:
+                on_step(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 recent = train_losses[-cfg.eval_every:]
                 do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
