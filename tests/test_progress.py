@@ -1,7 +1,7 @@
 """Progress: tqdm bars on a terminal, plain lines through a pipe."""
 
-import io
 import fcntl
+import io
 import os
 import pty
 import select
