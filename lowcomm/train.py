@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -148,181 +149,234 @@ def train(cfg: TrainConfig, transport: Transport | None = None, resume: bool | s
     logs into its own ``out_dir`` (volunteer peers), not only the first. A transport with
     ``attach`` (ZeroMQ) is given the model and optimizer, so a peer joining a run under way
     fetches the current state first. Returns this process's :class:`TrainResult`.
+
+    The phases, each a method of :class:`_Run`: set-up (``_Run.__init__``, :meth:`_Run.resume`),
+    then per step :meth:`_Run.step`, :meth:`_Run.log`, :meth:`_Run.evaluate`,
+    :meth:`_Run.checkpoint`, and at the end :meth:`_Run.finish`.
     """
-    from .models import GPT, GPTConfig
+    run = _Run(cfg, transport, progress, every_member_logs)
+    run.resume(resume)
+    run.open_outputs()
+    try:
+        while run.step_no < cfg.steps:
+            if stop is not None and stop.is_set():
+                run.say(f"stopping at step {run.step_no} (asked to)")
+                break
+            run.step()
+            run.log()
+            run.evaluate()
+            run.checkpoint()
+    finally:
+        run.close()
+    return run.finish()
 
-    cfg.validate()
-    setup = cfg.setup()
-    if transport is None:
-        transport = _connect(cfg)
-    layout = _Layout(transport, cfg.replica_size)
-    if every_member_logs:
-        layout.chief = layout.leader
-    if cfg.batch_size % (layout.replica_size * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks per replica x grad_accum "
-                         f"({layout.replica_size} x {cfg.grad_accum})")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
-    out_dir = cfg.out_dir or os.path.join("runs", cfg.name)
-    say = progress if (progress is not None and layout.chief) else (lambda _s: None)
 
-    m = cfg.model
-    stream, held_out, vocab = _data(cfg, layout)
-    mcfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, seq_len=m.seq_len,
-                     dropout=m.dropout)
+class _Run:
+    """One process's training run: its state, and the phases :func:`train` calls in order."""
 
-    with _BUILD_LOCK:
-        torch.manual_seed(cfg.seed)
-        model = GPT(mcfg)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    fwd = model
-    if layout.replica_group is not None and layout.replica_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    def __init__(self, cfg: TrainConfig, transport: Transport | None, progress: Callable[[str], None] | None,
+                 every_member_logs: bool):
+        from .models import GPT, GPTConfig
 
-        # Ordinary data parallelism inside the replica; DDP broadcasts the first rank's weights.
-        fwd = DistributedDataParallel(model, process_group=layout.replica_group,
-                                      device_ids=[device.index] if device.type == "cuda" else None)
-    opt = setup.build(model, transport, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        cfg.validate()
+        self.cfg, self.setup = cfg, cfg.setup()
+        self.transport = transport = transport if transport is not None else _connect(cfg)
+        self.layout = layout = _Layout(transport, cfg.replica_size)
+        if every_member_logs:
+            layout.chief = layout.leader
+        if cfg.batch_size % (layout.replica_size * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks per replica x grad_accum "
+                             f"({layout.replica_size} x {cfg.grad_accum})")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = _device(cfg)
+        self.out_dir = cfg.out_dir or os.path.join("runs", cfg.name)
+        self.default_output = progress is _say
+        self.say = progress if (progress is not None and layout.chief) else (lambda _s: None)
 
-    # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
-    # Members of strategies that share global state hold the same one, which the joiner checks.
-    transport.attach(model, opt, verify_global=opt.shares_global_state)
-    step, bytes_base, elapsed_base = opt.local_step, 0, 0.0
-    stream.step = step  # batch k depends only on (seed, shard, k): the joiner continues the schedule
-    tokens = step * cfg.batch_size * m.seq_len
-    eval_curve: list[tuple[int, float]] = []
-    if resume:
+        m = cfg.model
+        self.stream, self.held_out, vocab = _data(cfg, layout)
+        mcfg = GPTConfig(vocab_size=vocab, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, seq_len=m.seq_len,
+                         dropout=m.dropout)
+        with _BUILD_LOCK:
+            torch.manual_seed(cfg.seed)
+            self.model = model = GPT(mcfg)
+        model.to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.fwd = model
+        if layout.replica_group is not None and layout.replica_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Ordinary data parallelism inside the replica; DDP broadcasts the first rank's weights.
+            self.fwd = DistributedDataParallel(model, process_group=layout.replica_group,
+                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.opt = self.setup.build(model, transport, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
+        # Members of strategies that share global state hold the same one, which the joiner checks.
+        transport.attach(model, self.opt, verify_global=self.opt.shares_global_state)
+        self.step_no, self.bytes_base, self.elapsed_base = self.opt.local_step, 0, 0.0
+        self.stream.step = self.step_no  # batch k depends only on (seed, shard, k): a joiner continues the schedule
+        self.tokens = self.step_no * cfg.batch_size * m.seq_len
+        self.eval_curve: list[tuple[int, float]] = []
+        self.rows = cfg.batch_size // layout.replica_size
+        self.lo = layout.replica_rank * self.rows
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.sync_seconds, self.lr = 0.0, 0.0
+        self.last_loss = self.final_eval = float("nan")
+        self.timeline: list[list] = []
+        self.writer: Any = None
+        self.bar: Progress | None = None
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def resume(self, resume: bool | str) -> None:
+        """Continue from a checkpoint: model, optimizer, loader position, RNG and counters."""
+        if not resume:
+            return
+        cfg, layout = self.cfg, self.layout
         found = (int(os.path.basename(os.path.normpath(resume))[5:]), resume) if isinstance(resume, str) \
-            else newest_complete_checkpoint(out_dir, layout.n_replicas)
+            else newest_complete_checkpoint(self.out_dir, layout.n_replicas)
         if found is None:
-            say(f"no checkpoint in {_checkpoint_root(out_dir)}; starting from scratch")
-        else:
-            ck = load_checkpoint(os.path.join(found[1], f"replica_{layout.replica}"), device=device)
-            if ck["config"]["strategy"] != cfg.strategy or ck["config"]["model"] != dataclasses.asdict(cfg.model):
-                raise ValueError(f"checkpoint {found[1]} was written by a run with another strategy or model; "
-                                 f"resume with the recipe that wrote it")
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            stream.load_state_dict(ck["data"])
-            set_rng_state(ck["rng"])
-            c = ck["counters"]
-            step, tokens, bytes_base, elapsed_base = c["step"], c["tokens"], c["bytes_sent"], c["seconds"]
-            eval_curve = [tuple(e) for e in c["eval_curve"]]
-            say(f"resumed from {found[1]} at step {step}")
+            self.say(f"no checkpoint in {_checkpoint_root(self.out_dir)}; starting from scratch")
+            return
+        ck = load_checkpoint(os.path.join(found[1], f"replica_{layout.replica}"), device=self.device)
+        if ck["config"]["strategy"] != cfg.strategy or ck["config"]["model"] != dataclasses.asdict(cfg.model):
+            raise ValueError(f"checkpoint {found[1]} was written by a run with another strategy or model; "
+                             f"resume with the recipe that wrote it")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.stream.load_state_dict(ck["data"])
+        set_rng_state(ck["rng"])
+        c = ck["counters"]
+        self.step_no, self.tokens, self.bytes_base, self.elapsed_base = (c["step"], c["tokens"], c["bytes_sent"],
+                                                                         c["seconds"])
+        self.eval_curve = [tuple(e) for e in c["eval_curve"]]
+        self.say(f"resumed from {found[1]} at step {self.step_no}")
 
-    writer = None
-    if layout.chief and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+    def open_outputs(self) -> None:
+        """TensorBoard, config.json, the first line, the progress bar; starts the clocks."""
+        cfg, layout = self.cfg, self.layout
+        if layout.chief and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=step if step else None)
-    if layout.chief:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
-    say(f"{cfg.name}: {cfg.strategy} ({setup.inner} lr {setup.lr:g}), {n_params / 1e6:.2f}M parameters, "
-        f"{layout.n_replicas} replica(s) x {layout.replica_size} rank(s), {cfg.steps} steps of "
-        f"{cfg.batch_size} x {m.seq_len} tokens per replica, on {device}")
+            self.writer = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=self.step_no or None)
+        if layout.chief:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        self.say(f"{cfg.name}: {cfg.strategy} ({self.setup.inner} lr {self.setup.lr:g}), "
+                 f"{self.n_params / 1e6:.2f}M parameters, {layout.n_replicas} replica(s) x {layout.replica_size} "
+                 f"rank(s), {cfg.steps} steps of {cfg.batch_size} x {cfg.model.seq_len} tokens per replica, "
+                 f"on {self.device}")
+        # A bar with an ETA on a terminal (the chief's default output only); plain lines otherwise.
+        self.bar = Progress([(cfg.name, cfg.steps)], enabled=self.default_output and layout.chief)
+        self.bar.update(self.step_no)
+        if self.bar.tty:
+            self.say = self.bar.write
+        self.t_start = self.t_log = time.monotonic()
+        self.start_step, self.tok_log = self.step_no, self.tokens
 
-    rows = cfg.batch_size // layout.replica_size
-    lo = layout.replica_rank * rows
-    amp = cfg.amp and device.type == "cuda"
-    t_start = time.monotonic()
-    start_step = step
-    t_log, tok_log = t_start, tokens
-    sync_seconds = 0.0
-    last_loss = float("nan")
-    final_eval = float("nan")
-    timeline: list[list] = []
-    # A bar with an ETA on a terminal (the chief's default output only); plain lines otherwise.
-    bar = Progress([(cfg.name, cfg.steps)], enabled=progress is _say and layout.chief)
-    bar.update(step)
-    if bar.tty:
-        say = bar.write
-    while step < cfg.steps:
-        if stop is not None and stop.is_set():
-            say(f"stopping at step {step} (asked to)")
-            break
-        lr = setup.lr * lr_factor(step, steps=cfg.steps, warmup=cfg.warmup_steps, schedule=cfg.schedule,
-                                  min_lr_ratio=cfg.min_lr_ratio)
+    # ---- per step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One inner step (and the sync when one is due); follows a re-join from a donor."""
+        cfg = self.cfg
+        self.lr = self.setup.lr * lr_factor(self.step_no, steps=cfg.steps, warmup=cfg.warmup_steps,
+                                            schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
         t_step = time.monotonic()
-        x, y = next(stream)
-        x, y = x[lo:lo + rows].to(device), y[lo:lo + rows].to(device)
+        x, y = next(self.stream)
+        x, y = x[self.lo:self.lo + self.rows].to(self.device), y[self.lo:self.lo + self.rows].to(self.device)
         t_fetch = time.monotonic() - t_step
-        res = worker_step(model, opt, x, y, lr=lr, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip, amp=amp,
-                          fwd=fwd, last=step + 1 == cfg.steps)
-        t_fb, t_opt, synced = t_fetch + res.compute_seconds, res.step_seconds, res.synced
-        if synced:
-            sync_seconds += t_opt
-        timeline.append([t_fb, t_opt, synced])
-        step += 1
-        bar.update()
-        tokens += cfg.batch_size * m.seq_len
-        if opt.local_step != step:
+        res = worker_step(self.model, self.opt, x, y, lr=self.lr, grad_accum=cfg.grad_accum,
+                          grad_clip=cfg.grad_clip, amp=self.amp, fwd=self.fwd, last=self.step_no + 1 == cfg.steps)
+        if res.synced:
+            self.sync_seconds += res.step_seconds
+        self.timeline.append([t_fetch + res.compute_seconds, res.step_seconds, res.synced])
+        self.step_no += 1
+        self.bar.update()
+        self.tokens += cfg.batch_size * cfg.model.seq_len
+        if self.opt.local_step != self.step_no:
             # The run dropped this peer (it missed a sync) and it re-joined from a donor's snapshot
             # inside opt.step(): continue from the donor's step, on the schedule the run is on.
-            say(f"re-joined the run at step {opt.local_step} (was at step {step})")
-            step = int(opt.local_step)
-            stream.step = step
-            tokens = step * cfg.batch_size * m.seq_len
-        last_loss = res.loss
+            self.say(f"re-joined the run at step {self.opt.local_step} (was at step {self.step_no})")
+            self.step_no = int(self.opt.local_step)
+            self.stream.step = self.step_no
+            self.tokens = self.step_no * cfg.batch_size * cfg.model.seq_len
+        self.last_loss = res.loss
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.monotonic()
-            tps = (tokens - tok_log) / max(1e-9, now - t_log)
-            t_log, tok_log = now, tokens
-            sent = bytes_base + transport.ledger.bytes_sent
-            syncs = opt.sync_count
-            eta = (cfg.steps - step) * (now - t_start) / max(1, step - start_step)
-            say(f"step {step}/{cfg.steps}  loss {last_loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  "
-                f"sent {sent / 1e6:.2f} MB  syncs {syncs}  eta {eta:.0f}s")
-            if writer is not None:
-                writer.add_scalar("train/loss", last_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/tokens_per_second", tps, step)
-                writer.add_scalar("comm/bytes_sent", sent, step)
-                writer.add_scalar("comm/sync_seconds", sync_seconds, step)
-                writer.add_scalar("comm/failed_syncs", opt.failed_syncs, step)
-        do_eval = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        if do_eval and layout.chief:
-            ev = evaluate(model, held_out, device, amp)
-            eval_curve.append((step, ev))
-            final_eval = ev
-            say(f"step {step}: held-out loss {ev:.4f}")
-            if writer is not None:
-                writer.add_scalar("eval/loss", ev, step)
-                writer.add_scalar("eval/loss_vs_tokens", ev, tokens)
+    def log(self) -> None:
+        """The progress line and the TensorBoard scalars, every ``log_every`` steps."""
+        cfg, step = self.cfg, self.step_no
+        if step % cfg.log_every and step != cfg.steps:
+            return
+        now = time.monotonic()
+        tps = (self.tokens - self.tok_log) / max(1e-9, now - self.t_log)
+        self.t_log, self.tok_log = now, self.tokens
+        sent = self.bytes_base + self.transport.ledger.bytes_sent
+        eta = (cfg.steps - step) * (now - self.t_start) / max(1, step - self.start_step)
+        self.say(f"step {step}/{cfg.steps}  loss {self.last_loss:.4f}  lr {self.lr:.2e}  {tps:,.0f} tok/s  "
+                 f"sent {sent / 1e6:.2f} MB  syncs {self.opt.sync_count}  eta {eta:.0f}s")
+        if self.writer is not None:
+            for tag, value in (("train/loss", self.last_loss), ("train/lr", self.lr),
+                               ("train/tokens_per_second", tps), ("comm/bytes_sent", sent),
+                               ("comm/sync_seconds", self.sync_seconds), ("comm/failed_syncs", self.opt.failed_syncs)):
+                self.writer.add_scalar(tag, value, step)
+
+    def evaluate(self) -> None:
+        """Held-out loss every ``eval_every`` steps and at the end (the chief only)."""
+        cfg, step = self.cfg, self.step_no
+        if not self.layout.chief or not (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            return
+        ev = evaluate(self.model, self.held_out, self.device, self.amp)
+        self.eval_curve.append((step, ev))
+        self.final_eval = ev
+        self.say(f"step {step}: held-out loss {ev:.4f}")
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", ev, step)
+            self.writer.add_scalar("eval/loss_vs_tokens", ev, self.tokens)
+
+    def checkpoint(self) -> None:
+        """A checkpoint every ``checkpoint_every`` steps (not at the end: the final weights are saved then)."""
+        cfg, step = self.cfg, self.step_no
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save(cfg, out_dir, layout, model, opt, stream, step, tokens,
-                  bytes_base + transport.ledger.bytes_sent, elapsed_base + time.monotonic() - t_start, eval_curve)
-    bar.close()
-    if writer is not None:
-        writer.flush()
-        writer.close()
-    seconds = elapsed_base + time.monotonic() - t_start
-    sent = bytes_base + transport.ledger.bytes_sent
-    res = TrainResult(step, tokens, final_eval, eval_curve, sent, opt.sync_count, opt.failed_syncs, seconds,
-                      [p.detach().to("cpu", copy=True) for p in model.parameters()], out_dir, timeline, start_step,
-                      list(opt.sync_log))
-    if layout.leader:
-        # Each replica's final weights (its local parameters), for inspection and comparisons.
-        from safetensors.torch import save_file
+            _save(cfg, self.out_dir, self.layout, self.model, self.opt, self.stream, step, self.tokens,
+                  self.bytes_base + self.transport.ledger.bytes_sent,
+                  self.elapsed_base + time.monotonic() - self.t_start, self.eval_curve)
 
-        os.makedirs(os.path.join(out_dir, "final"), exist_ok=True)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-                   if k != "head.weight"},  # tied to tok_emb.weight; safetensors refuses aliases
-                  os.path.join(out_dir, "final", f"replica_{layout.replica}.safetensors"))
-    if layout.chief:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"steps": res.steps, "tokens": res.tokens, "final_eval_loss": res.final_eval_loss,
-                       "eval_curve": res.eval_curve, "bytes_sent": res.bytes_sent, "syncs": res.syncs,
-                       "failed_syncs": res.failed_syncs, "seconds": res.seconds, "last_train_loss": last_loss,
-                       "environment": environment()}, f, indent=1)
-        _write_report(cfg, out_dir, res)
-        say(f"done: {step} steps, held-out loss {final_eval:.4f}, {sent / 1e6:.2f} MB sent, "
-            f"{res.syncs} syncs ({res.failed_syncs} rolled back), {seconds:.1f} s")
-    return res
+    # ---- the end --------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+    def finish(self) -> TrainResult:
+        """The result; each replica's final weights; result.json and report.html (the chief)."""
+        layout, out_dir, step = self.layout, self.out_dir, self.step_no
+        seconds = self.elapsed_base + time.monotonic() - self.t_start
+        sent = self.bytes_base + self.transport.ledger.bytes_sent
+        opt = self.opt
+        res = TrainResult(step, self.tokens, self.final_eval, self.eval_curve, sent, opt.sync_count,
+                          opt.failed_syncs, seconds, [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
+                          out_dir, self.timeline, self.start_step, list(opt.sync_log))
+        if layout.leader:
+            # Each replica's final weights (its local parameters), for inspection and comparisons.
+            from safetensors.torch import save_file
+
+            os.makedirs(os.path.join(out_dir, "final"), exist_ok=True)
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()
+                       if k != "head.weight"},  # tied to tok_emb.weight; safetensors refuses aliases
+                      os.path.join(out_dir, "final", f"replica_{layout.replica}.safetensors"))
+        if layout.chief:
+            with open(os.path.join(out_dir, "result.json"), "w") as f:
+                json.dump({"steps": res.steps, "tokens": res.tokens, "final_eval_loss": res.final_eval_loss,
+                           "eval_curve": res.eval_curve, "bytes_sent": res.bytes_sent, "syncs": res.syncs,
+                           "failed_syncs": res.failed_syncs, "seconds": res.seconds,
+                           "last_train_loss": self.last_loss, "environment": environment()}, f, indent=1)
+            _write_report(self.cfg, out_dir, res)
+            self.say(f"done: {step} steps, held-out loss {self.final_eval:.4f}, {sent / 1e6:.2f} MB sent, "
+                     f"{res.syncs} syncs ({res.failed_syncs} rolled back), {seconds:.1f} s")
+        return res
 
 
 def _write_report(cfg: TrainConfig, out_dir: str, res: TrainResult) -> None:
