@@ -19,7 +19,16 @@ import zmq
 
 from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
 from ..p2p import _check_op, _dtype_groups, _write_back, shard_bounds
-from .wire import WireError, check_payload, decode_control, decode_header, dtype_from_name, dtype_name, encode_header
+from .wire import (
+    RID_BYTES,
+    WireError,
+    check_payload,
+    decode_control,
+    decode_header,
+    dtype_from_name,
+    dtype_name,
+    encode_header,
+)
 
 __all__ = ["BadPayload", "DataPlane"]
 
@@ -60,6 +69,16 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
 
 def _nonfinite(t: torch.Tensor) -> bool:
     return t.dtype in _FLOATS and t.numel() > 0 and not bool(torch.isfinite(t).all())
+
+
+def _culprits(parts: list[tuple[int, torch.Tensor]], w: int) -> list[int]:
+    """Who made a sum of ``w`` contributions non-finite: senders of NaN/Inf, else (an overflow) the senders
+    of values above ``max / w``: if every value were at most that, the sum could not overflow."""
+    bad = [p for p, x in parts if _nonfinite(x)]
+    if bad:
+        return bad
+    big = torch.finfo(torch.float32).max / w
+    return [p for p, x in parts if x.numel() and float(x.detach().abs().max()) > big]
 
 
 
@@ -134,7 +153,8 @@ class DataPlane:
         key = (peer, op, name, g)
         box = self._wait(peer, key, lambda b: b if b.complete() else None, deadline)
         with self._cv:
-            self._inbox.pop(key, None)
+            self._drop_box(key)
+        self._last_from = peer
         out = []
         for pi in range(box.nparts):
             dname, shape, nbytes = box.parts[pi]
@@ -156,9 +176,27 @@ class DataPlane:
 
     def _recv_chunk(self, peer: int, key: tuple, off: int, dtype: torch.dtype, deadline: float) -> torch.Tensor:
         def ready(box: _Inbox):
-            return box.chunks.pop((0, off), None)
+            fr = box.chunks.pop((0, off), None)
+            if fr is not None:
+                self._release(peer, len(fr), 1)
+            return fr
         frame = self._wait(peer, key, ready, deadline)
+        self._last_from = peer
         return _frame_tensor(frame, dtype)
+
+    # ---- quotas: what a sender may make us hold (called under the condition) ----------------------
+    def _release(self, sender: int, nbytes: int, chunks: int) -> None:
+        held = self._held.get(sender)
+        if held is not None:
+            held[0] -= nbytes
+            held[1] -= chunks
+            if held[1] <= 0:
+                del self._held[sender]
+
+    def _drop_box(self, key: tuple) -> None:
+        box = self._inbox.pop(key, None)
+        if box is not None:
+            self._release(key[0], sum(len(f) for f in box.chunks.values()), len(box.chunks))
 
     def _scratch_buf(self, key: tuple, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A reused buffer (fresh memory costs ~5x a reused one here: first-touch page faults)."""
@@ -238,9 +276,10 @@ class DataPlane:
                 chunk_acc.div_(w)
             res = chunk_acc if flat.dtype == torch.float32 else chunk_acc.to(flat.dtype)
             if _nonfinite(res):
-                bad = [p for p, x in parts if _nonfinite(x)]
+                bad = _culprits(parts, w)
                 raise BadPayload(bad[0] if bad else self._id,
-                                 f"NaN/Inf in the all-reduce of op {seq}: sent by member(s) {bad or [self._id]}")
+                                 f"NaN/Inf in the all-reduce of op {seq}: caused by the values of member(s) "
+                                 f"{bad or [self._id]}")
             rb = _bytes_of(res)
             for j in order:
                 self._send_chunk(socks[j], members[j], seq, "ag", gi, 0, 1, dname, [e - s], (a - s) * esz, rb, rec)
@@ -260,39 +299,61 @@ class DataPlane:
                     flat[a:b].copy_(x)
 
 
+    def _name(self, rid: bytes, key: str | None) -> str:
+        return self.curve.name(key) if self.curve is not None else f"routing id {rid[:8].hex()}"
+
+    def _is(self, sender: int, rid: bytes, key: str | None, book: dict) -> bool:
+        """Does a message over connection (``rid``, ``key``) come from ``sender`` as listed in ``book``?"""
+        entry = book.get(sender)
+        if entry is None:
+            return False
+        return key == entry[1] if self.curve is not None else rid == entry[2]
+
     def _on_peer_message(self, frames: list[zmq.Frame]) -> None:
+        """Check and file one message from the ROUTER (I/O thread). A message counts only when its
+        connection (routing id, and with CURVE its key) is that of the member it claims to come from,
+        that member belongs to the op, the op is the current one or one of the next two, and the
+        sender stays within its quota; anything else is dropped, counted and logged at a bounded rate."""
         rid = frames[0].bytes
+        key = None
+        if self.curve is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                key = frames[-1].get("User-Id")
         try:
             if len(frames) == 2:
                 m = decode_control(frames[1].bytes, ("abort", "fetch"))
                 if m["k"] == "abort":
-                    if rid != b"m%d" % m["id"]:
-                        raise WireError(f"abort claims member {m['id']} but came from {rid!r}")
                     with self._cv:
+                        self._check_sender(m["id"], m["op"], rid, key)
                         self._aborts.setdefault(m["op"], m["id"])
                         self._cv.notify_all()
-                else:
-                    self._serve(rid, m)
+                    return
+                # A snapshot: only for members and the joiners the coordinator admitted (their ticket).
+                book = {**self._joiners, **self._peers}
+                if not (self._is(m["id"], rid[:RID_BYTES], key, book)):
+                    raise WireError(f"snapshot request claiming member {m['id']} from a peer that is neither a "
+                                    f"member nor an admitted joiner")
+                self._serve(rid, m)
                 return
             if len(frames) != 3:
                 raise WireError(f"{len(frames) - 1} frames (a data message has 2, a control message 1)")
             h = decode_header(frames[1].bytes, self.max_tensor_bytes)
             payload = frames[2]
             check_payload(h, len(payload))
-            if rid != b"m%d" % h.sender:
-                raise WireError(f"header claims member {h.sender} but the connection is {rid!r}")
-            if self.curve is not None:
-                pub = self._peers.get(h.sender, (None, None))[1]
-                user = payload.get("User-Id")
-                if pub is None or user != pub:
-                    raise WireError(f"member {h.sender}'s CURVE key does not match the one it registered")
             with self._cv:
-                if h.op < self._floor:
-                    return  # a late chunk of an operation that is over
-                key = (h.sender, h.op, h.tag, h.group)
-                box = self._inbox.get(key)
+                self._check_sender(h.sender, h.op, rid, key)
+                box_key = (h.sender, h.op, h.tag, h.group)
+                held = self._held.setdefault(h.sender, [0, 0])
+                # two ops' worth of what we expect from one sender: the most it sent in one op so far
+                # (this op included), our own model's size, at least four chunks
+                now_rx = max((v for (_, o), v in self._rx.items() if o == self._floor), default=0)
+                quota = 2 * max(self._expect, now_rx, self._own_bytes, 4 * self.chunk_bytes)
+                if held[1] >= 4096 or (h.op > self._floor and held[0] + len(payload) > quota):
+                    raise WireError(f"member {h.sender} is over its quota ({held[1]} chunks, {held[0]} bytes "
+                                    f"waiting; at most 4096 chunks and {quota} bytes for ops not started)")
+                box = self._inbox.get(box_key)
                 if box is None:
-                    box = self._inbox[key] = _Inbox(h.nparts)
+                    box = self._inbox[box_key] = _Inbox(h.nparts)
                 desc = (h.dtype, h.shape, h.nbytes)
                 if box.nparts != h.nparts or box.parts.setdefault(h.part, desc) != desc:
                     raise WireError(f"chunk of op {h.op} disagrees with earlier chunks of the same message")
@@ -300,12 +361,27 @@ class DataPlane:
                     raise WireError(f"duplicate chunk at offset {h.offset} of op {h.op}")
                 box.chunks[(h.part, h.offset)] = payload
                 box.got[h.part] = box.got.get(h.part, 0) + len(payload)
+                held[0] += len(payload)
+                held[1] += 1
+                self._rx[(h.sender, h.op)] = self._rx.get((h.sender, h.op), 0) + len(payload)
                 self._progress[h.sender] = time.monotonic()
                 self._cv.notify_all()
         except WireError as e:
             self.dropped_invalid += 1
-            key = ""
-            if self.curve is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    key = f" (CURVE key {frames[-1].get('User-Id')})"
-            log.warning("member %d dropped an invalid message from %r%s: %s", self._id, rid, key, e)
+            self.rejects(self._name(rid, key), f"member {self._id}: {e}")
+
+    def _check_sender(self, sender: int, op: int, rid: bytes, key: str | None) -> None:
+        """Raise WireError unless ``sender`` may send us a message for ``op`` over this connection."""
+        if not self._is(sender, rid, key, self._peers):
+            raise WireError(f"message claims member {sender} but does not come over its connection")
+        if op < self._floor:
+            raise WireError(f"message for op {op}, which is over")
+        top = max(self._floor, self._seq - 1) + 2
+        if op > top:
+            raise WireError(f"message for op {op}, beyond the next two ({top})")
+        group = self._groups.get(op)
+        if group is not None and sender not in group:
+            raise WireError(f"member {sender} is not in op {op}'s group")
+        if group is None and sender not in self._members and sender not in self._joiners and (
+                self._live is None or sender not in self._live):
+            raise WireError(f"member {sender} is not an active member")

@@ -44,6 +44,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -56,10 +57,11 @@ import zmq
 
 from ..base import CommError, CommTimeout, Handle, PeerLost
 from ..p2p import P2PTransport
+from .coordinator import TOKEN_BYTES
 from .dataplane import BadPayload, DataPlane, _Inbox
-from .security import CurveConfig
+from .security import CurveConfig, Rejects, check_insecure
 from .snapshots import Snapshots, _Snapshot
-from .wire import WireError, decode_control, encode_control
+from .wire import RID_BYTES, WireError, decode_control, encode_control
 
 __all__ = ["BadPayload", "ZmqTransport", "connect_zmq"]
 
@@ -82,6 +84,7 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         curve: a :class:`~lowcomm.comm.zmq.security.CurveConfig` for encryption and authentication.
         max_tensor_bytes: largest tensor a peer may declare in a header (checked before allocating).
         max_snapshot_bytes: largest snapshot a joiner accepts from a donor.
+        insecure: allow a non-loopback ``bind`` or ``announce`` without CURVE (only on a trusted network).
         fault: fault injection for tests: ``{"op": k, "after_messages": m, "signal": "KILL"|"STOP",
             "ledger_file": path}`` sends this process the signal during op ``k`` after ``m`` messages;
             ``{"serve_chunks": n}`` kills it after serving ``n`` snapshot chunks to a joiner.
@@ -90,8 +93,10 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
     def __init__(self, coordinator: str, *, bind: str = "tcp://127.0.0.1:*", announce: str | None = None,
                  timeout: float = 3600.0, progress_timeout: float = 30.0, heartbeat: float = 2.0,
                  join_timeout: float = 600.0, chunk_bytes: int = 4 << 20, curve: CurveConfig | None = None,
-                 max_tensor_bytes: int = 1 << 36, max_snapshot_bytes: int = 1 << 38, fault: dict | None = None):
+                 max_tensor_bytes: int = 1 << 36, max_snapshot_bytes: int = 1 << 38, fault: dict | None = None,
+                 insecure: bool = False):
         super().__init__(timeout)
+        check_insecure("peer", [bind, announce], curve, insecure)
         for name, v in (("progress_timeout", progress_timeout), ("heartbeat", heartbeat),
                         ("join_timeout", join_timeout)):
             if not v or v <= 0:
@@ -112,6 +117,12 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         self.curve = curve
         self.fault = dict(fault or {})
         self.dropped_invalid = 0
+        self.rejects = Rejects(log)
+        # Identities: the routing id of our data connections (registered with the coordinator, which
+        # lists it; others accept our data only from it) and the secret token of our coordinator
+        # connections (without CURVE, what the coordinator knows us by). Both random.
+        self._rid = secrets.token_bytes(RID_BYTES)
+        self._token = secrets.token_bytes(TOKEN_BYTES)
         self.header_bytes: dict[int, int] = {}  # ledger op id -> header bytes among its bytes_sent
 
         self.ctx = zmq.Context()
@@ -130,11 +141,19 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         self._progress: dict[int, float] = {}
         self._floor = 0
         self._live: set[int] | None = None
-        self._peers: dict[int, tuple[str, str | None]] = {}  # id -> (address, public key)
+        self._peers: dict[int, tuple[str, str | None, bytes]] = {}  # id -> (address, public key, routing id)
+        self._joiners: dict[int, tuple[str, str | None, bytes]] = {}  # admitted joiners (may fetch snapshots)
+        self._groups: dict[int, set[int]] = {}  # op -> its members, once this peer started it
+        self._held: dict[int, list[int]] = {}  # sender -> [bytes, chunks] waiting in inboxes
+        self._rx: dict[tuple[int, int], int] = {}  # (sender, op) -> bytes received
+        self._expect = 0  # most bytes one sender sent us in one op so far (sizes the future-op quota)
+        self._own_bytes = 0  # the attached model's size in fp32 (ditto)
+        self._last_from: int | None = None  # whose parts the op body used last (named if they are malformed)
+        self._resync = False
         self._dealers: dict[int, zmq.Socket] = {}
         self._dealer_addr: dict[int, tuple] = {}
         self._req_lock = threading.Lock()
-        self._req = self._coord_socket()
+        self._req = self._coord_socket(b"r")
         self._verdicts: list[list] = []
         self._hashes: list[list] = []
         self._snaps: dict[int, _Snapshot] = {}
@@ -172,8 +191,9 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         s.setsockopt(zmq.RCVHWM, 0)
         return s
 
-    def _coord_socket(self) -> zmq.Socket:
+    def _coord_socket(self, suffix: bytes) -> zmq.Socket:
         s = self._socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, self._token + suffix)
         if self.curve is not None:
             if self.curve.coordinator_public is None:
                 raise ValueError("with CURVE on, pass the coordinator's public key (server_key)")
@@ -189,10 +209,13 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         if s is None:
             if peer not in self._peers:
                 raise PeerLost([peer], f"no address known for member {peer}")
-            addr, pub = self._peers[peer]
-            self._dealer_addr[peer] = (addr, pub)
+            addr, pub, _ = self._peers[peer]
+            self._dealer_addr[peer] = self._peers[peer]
             s = self._socket(zmq.DEALER)
-            s.setsockopt(zmq.ROUTING_ID, b"m%d" % self._id)
+            if self.curve is None:
+                # Without CURVE our registered routing id is how others know our data. With CURVE the key
+                # is (and the ROUTER picks the routing id, so nobody can squat ours).
+                s.setsockopt(zmq.ROUTING_ID, self._rid)
             if self.curve is not None:
                 if not pub:
                     raise PeerLost([peer], f"member {peer} announced no CURVE public key")
@@ -236,16 +259,24 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
                 if accept(m):
                     return m
 
-    def _adopt(self, members: list[list]) -> list[int]:
-        for mid, addr, pub in members:
-            self._peers[mid] = (addr, pub)
+    def _adopt(self, members: list[list], joiners: list[list] | None = None) -> list[int]:
+        for mid, addr, pub, rid in members:
+            self._peers[mid] = (addr, pub, rid)
+        if len(self._peers) > 2 * len(members) + 64:  # forget peers long gone (bounded)
+            keep = {m[0] for m in members} | {self._id}
+            for mid in [k for k in self._peers if k not in keep][:len(self._peers) // 2]:
+                del self._peers[mid]
+        if joiners is not None:
+            self._joiners = {j[0]: (j[1], j[2], j[3]) for j in joiners}
         return sorted(m[0] for m in members)
 
+    def _join_frame(self, active: bool = False, verdicts: list | None = None) -> bytes:
+        return encode_control("join", id=self._id if self._id >= 0 else None, addr=self.address, pub=self._pub,
+                              rid=self._rid, active=active, next_op=self._seq, verdicts=list(verdicts or []))
+
     def _register(self, deadline: float) -> None:
-        join = lambda: encode_control("join", id=self._id if self._id >= 0 else None, addr=self.address,  # noqa: E731
-                                      pub=self._pub, active=False, next_op=self._seq, verdicts=[])
         while True:
-            m = self._request(join(), lambda m: m["k"] in ("welcome", "retry"), deadline)
+            m = self._request(self._join_frame(), lambda m: m["k"] in ("welcome", "retry"), deadline)
             if m["k"] == "welcome":
                 break
             time.sleep(0.1)
@@ -260,10 +291,9 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
             log.info("member %d: the run is under way; a world of one until attach() fetches a snapshot", self._id)
             return
         # Wait for the run to start (min_peers reached); heartbeats keep us registered meanwhile.
-        hb = encode_control("hb", id=self._id, hashes=[])
         while True:
-            st = self._request(hb, lambda m: m["k"] == "state", deadline)
-            ids = self._adopt(st["members"])
+            st = self._state_request(deadline)
+            ids = self._adopt(st["members"], st["joiners"])
             if st["started"] and self._id in ids:
                 self._active, self._members, self._epoch = True, ids, st["epoch"]
                 log.info("member %d: founding member of a run of %d (epoch %d)", self._id, len(ids), self._epoch)
@@ -271,6 +301,15 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
             if st["started"]:
                 return
             time.sleep(min(0.1, self.heartbeat))
+
+    def _state_request(self, deadline: float, recovering: bool = True) -> dict:
+        """The coordinator's view of the run; re-registers first if it does not know us (it restarted)."""
+        while True:
+            st = self._request(encode_control("hb", id=self._id, hashes=list(self._hashes)),
+                               lambda m: m["k"] == "state" and (recovering or not m["recovering"]), deadline)
+            if st["known"]:
+                return st
+            self._request(self._join_frame(self._active, self._verdicts), lambda m: m["k"] == "welcome", deadline)
 
     # ---- protocol surface ----------------------------------------------------------------------
     @property
@@ -287,9 +326,15 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
     def refresh(self) -> None:
         """Bring membership up to date; a peer the run dropped re-joins through a snapshot."""
         deadline = time.monotonic() + max(10.0, 5 * self.heartbeat)
-        st = self._request(encode_control("hb", id=self._id, hashes=list(self._hashes)),
-                           lambda m: m["k"] == "state" and not m["recovering"], deadline)
-        ids = self._adopt(st["members"])
+        st = self._state_request(deadline, recovering=False)
+        ids = self._adopt(st["members"], st["joiners"])
+        if self._resync and self._active and self._id in ids and self._model is not None:
+            # Our part of an op failed but the others committed it: take their state from a snapshot.
+            self._resync = False
+            log.warning("member %d re-syncs from a snapshot: the run committed an op its own part failed",
+                        self._id)
+            self._rejoin()
+            return
         if self._active and self._id not in ids:
             self._active = False
             log.warning("member %d is no longer an active member of the run (it missed a sync, or was dropped)",
@@ -306,9 +351,8 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
         """Poll the coordinator until ``predicate(active member ids)`` holds; returns them."""
         deadline = time.monotonic() + timeout
         while True:
-            st = self._request(encode_control("hb", id=self._id, hashes=list(self._hashes)),
-                               lambda m: m["k"] == "state", deadline)
-            ids = self._adopt(st["members"])
+            st = self._state_request(deadline)
+            ids = self._adopt(st["members"], st["joiners"])
             if predicate(ids):
                 if self._active and self._id in ids:
                     self._members, self._epoch = ids, st["epoch"]
@@ -339,12 +383,7 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
     def _run(self, seq, kind, group, body, rec, barrier) -> Any:
         deadline = time.monotonic() + self.timeout
         self._on_op_start(seq)
-        with self._cv:
-            self._floor = seq
-            for key in [k for k in self._inbox if k[1] < seq]:
-                del self._inbox[key]
-            for op in [o for o in self._aborts if o < seq]:
-                del self._aborts[op]
+        self._advance_floor(seq)
         members = group
         if barrier:
             try:
@@ -353,8 +392,11 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
                 rec.ok = False
                 raise
             rec.participants = len(members)
+        with self._cv:
+            self._groups[seq] = set(members)
         err: CommError | None = None
         result = None
+        self._last_from = None
         try:
             live = self._live
             gone = [p for p in members if live is not None and p not in live and p != self._id]
@@ -363,17 +405,48 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
             result = body(seq, rec, members, deadline)
         except CommError as e:
             err = e
+        except (ValueError, RuntimeError, IndexError, TypeError, KeyError) as e:
+            # A payload that passed the wire checks but not the codec's or the strategy's: the sender
+            # whose parts were being used is named; the op is voted down and rolled back everywhere.
+            who = self._last_from
+            err = BadPayload(who if who is not None else self._id,
+                             f"{kind} #{seq}: the payload from member {who} is malformed: {type(e).__name__}: {e}")
         ok, lost = self._commit((seq, "commit"), members, err is None, deadline)
         rec.ok = ok
+        if ok and err is not None:
+            # The others committed an op whose result this peer does not have: never return silently.
+            self._resync = True
+            raise CommError(f"{kind} #{seq}: the run committed it but this member's part failed ({err}); "
+                            f"it rolls back and re-syncs from a snapshot") from err
         if not ok:
             if isinstance(err, PeerLost) and err.lost:
                 lost = sorted(set(lost) | set(err.lost))
             raise PeerLost(lost, f"{kind} #{seq} failed: lost peer(s) {lost}" + (f" ({err})" if err else "")) from err
         return result() if callable(result) else result
 
+    def _advance_floor(self, seq: int) -> None:
+        """Operation ``seq`` starts: forget everything about earlier ones (inboxes, aborts, groups, quotas)."""
+        with self._cv:
+            self._floor = seq
+            for key in [k for k in self._inbox if k[1] < seq]:
+                self._drop_box(key)
+            for op in [o for o in self._aborts if o < seq]:
+                del self._aborts[op]
+            for op in [o for o in self._groups if o < seq]:
+                del self._groups[op]
+            for k in [k for k in self._rx if k[1] < seq]:
+                self._expect = max(self._expect, self._rx.pop(k))
+
     def _barrier(self, seq: int, deadline: float) -> list[int]:
         frame = encode_control("ready", id=self._id, op=seq)
-        m = self._request(frame, lambda m: m["k"] in ("go", "drop") and m["op"] == seq, deadline)
+        while True:
+            m = self._request(frame, lambda m: (m["k"] in ("go", "drop") and m["op"] == seq)
+                              or (m["k"] == "state" and not m["known"]), deadline)
+            if m["k"] != "state":
+                break
+            # The coordinator restarted and does not know us yet: register again (with the verdicts we
+            # hold), then ask again, so the restart costs no barrier deadline.
+            self._request(self._join_frame(self._active, self._verdicts), lambda m: m["k"] == "welcome", deadline)
         if m["k"] == "drop":
             raise PeerLost([self._id], f"the coordinator dropped member {self._id} from op {seq}: {m['reason']}")
         ids = self._adopt(m["members"])
@@ -404,7 +477,7 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
             return ok, []
         frame = encode_control("done", id=self._id, op=seq, group=group, ok=ok)
         m = self._request(frame, lambda m: m["k"] == "verdict" and m["op"] == seq, deadline)
-        self._verdicts.append([seq, ",".join(map(str, group)), m["ok"]])
+        self._verdicts.append([seq, ",".join(map(str, group)), m["ok"], m["mac"]])
         del self._verdicts[:-64]
         return m["ok"], list(m["lost"])
 
@@ -426,9 +499,10 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
                         self._id, sig.name, self._cur_seq, self._sent_in_op)
             os.kill(os.getpid(), sig)
 
+    # ---- data plane -------------------------------------------------------------------------------
     # ---- I/O thread -------------------------------------------------------------------------------
     def _io_loop(self) -> None:
-        hb = self._coord_socket()
+        hb = self._coord_socket(b"h")
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(hb, zmq.POLLIN)
@@ -472,13 +546,13 @@ class ZmqTransport(DataPlane, Snapshots, P2PTransport):
                 # The coordinator restarted (or dropped us): register again with our id and the verdicts
                 # we hold, so a verdict given before the restart cannot be decided differently after it.
                 with contextlib.suppress(zmq.Again):
-                    hb.send(encode_control("join", id=self._id, addr=self.address, pub=self._pub, active=self._active,
-                                           next_op=self._seq, verdicts=list(self._verdicts)), flags=zmq.NOBLOCK)
+                    hb.send(self._join_frame(self._active, self._verdicts), flags=zmq.NOBLOCK)
                 return
             if not m["recovering"]:
                 ids = {x[0] for x in m["members"]}
                 with self._cv:
                     self._live = ids
+                    self._joiners = {j[0]: (j[1], j[2], j[3]) for j in m["joiners"]}
                     self._cv.notify_all()
         elif m["k"] == "welcome":
             log.info("member %d re-registered with the coordinator (epoch %d)", self._id, m["epoch"])

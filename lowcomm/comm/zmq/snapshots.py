@@ -66,6 +66,9 @@ class Snapshots:
         if not hasattr(model, "state_dict") or not hasattr(optimizer, "state_dict"):
             raise ValueError("attach(model, optimizer) needs a torch.nn.Module and a lowcomm optimizer")
         self._model, self._opt = model, optimizer
+        # what one sender may send us per op is about the model's size in fp32 (sizes the future-op quota)
+        self._own_bytes = sum(t.numel() * max(4, t.element_size()) for t in model.state_dict().values()
+                              if isinstance(t, torch.Tensor))
         self._verify_global = verify_global
         if self._active:
             self._take_snapshot()
@@ -127,9 +130,12 @@ class Snapshots:
             self._served_chunks += 1
 
     def _fetch_from(self, donor: int, deadline: float) -> tuple[_Snapshot, dict]:
-        addr, pub = self._peers[donor]
+        addr, pub, _ = self._peers[donor]
         s = self._socket(zmq.DEALER)
-        s.setsockopt(zmq.ROUTING_ID, b"f%d-%x" % (self._id, random.getrandbits(32)))
+        # our registered routing id plus a fetch counter: the donor serves only members and admitted joiners
+        self._fetches = getattr(self, "_fetches", 0) + 1
+        if self.curve is None:
+            s.setsockopt(zmq.ROUTING_ID, self._rid + b"f%d" % (self._fetches % 1000))
         if self.curve is not None:
             self.curve.make_client(s, pub.encode())
         s.connect(addr)
@@ -196,15 +202,13 @@ class Snapshots:
     def _rejoin(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.join_timeout)
         # (Re-)register as a pending member.
-        self._request(encode_control("join", id=self._id, addr=self.address, pub=self._pub, active=False,
-                                     next_op=self._seq, verdicts=list(self._verdicts)),
-                      lambda m: m["k"] == "welcome", deadline)
+        self._request(self._join_frame(False, self._verdicts), lambda m: m["k"] == "welcome", deadline)
         tried: list[int] = []
         for attempt in itertools.count():
             if time.monotonic() > deadline:
                 raise CommTimeout([], f"member {self._id} could not fetch a snapshot within the join timeout")
-            st = self._request(encode_control("hb", id=self._id, hashes=[]), lambda m: m["k"] == "state", deadline)
-            donors = [i for i in self._adopt(st["members"]) if i != self._id]
+            st = self._state_request(deadline)
+            donors = [i for i in self._adopt(st["members"], st["joiners"]) if i != self._id]
             if not donors:
                 time.sleep(0.2)
                 continue
@@ -218,7 +222,8 @@ class Snapshots:
                 self._opt.load_state_dict(state["opt"])
                 if self._verify_global:
                     self._verify(snap.sync, donor, deadline)
-            except (CommError, WireError, ValueError, KeyError, TypeError, zmq.ZMQError) as e:
+            except (CommError, WireError, ValueError, KeyError, TypeError, RuntimeError, zmq.ZMQError) as e:
+                # a bad hash, a snapshot that does not fit the model, a donor gone: try the next donor
                 log.warning("member %d: snapshot from donor %d failed (%s); trying another donor", self._id, donor, e)
                 continue
             self._seq = snap.next_op
