@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+import lowcomm
 from lowcomm.comm.base import CommError
 from lowcomm.comm.zmq import Coordinator, CurveConfig, ZmqTransport, generate_keypair
 from lowcomm.comm.zmq.wire import decode_control, encode_control, encode_header
@@ -45,7 +47,7 @@ def cfg(keys, name):
 @contextlib.contextmanager
 def run(keys, **kw):
     """A CURVE coordinator and two honest members a, b (threads of this process)."""
-    c = Coordinator("tcp://127.0.0.1:*", min_peers=2, heartbeat=0.2, heartbeat_timeout=3.0, barrier_timeout=10.0,
+    c = Coordinator("tcp://127.0.0.1:*", min_peers=2, heartbeat=0.2, heartbeat_timeout=10.0, barrier_timeout=10.0,
                     curve=CurveConfig(str(keys / "coord.key_secret"), str(keys / "allow")), **kw)
     th = threading.Thread(target=c.serve, daemon=True)
     th.start()
@@ -174,6 +176,105 @@ def test_malformed_codec_parts_fail_the_op_naming_the_sender(keys):
         exact_all_reduce(ts)
 
 
+def test_demo_indices_out_of_range_fail_the_sync_everywhere_naming_the_sender(keys):
+    """DeMo's sparse payloads are checked before the vote (index ranges, sizes): a bad one fails the sync
+    on every peer (rolled back), instead of diverging the peers that would parse it after the commit."""
+    from lowcomm.outer.demo import DeMo
+
+    with run(keys) as (c, ts):
+        ts = sorted(ts, key=lambda t: t.rank)
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(16, 8) for _ in ts]
+        for m in models[1:]:
+            m.load_state_dict(models[0].state_dict())
+        opts = [DeMo(torch.optim.SGD(m.parameters(), lr=0.1), transport=t, topk=4, chunk=8)
+                for m, t in zip(models, ts)]
+        b = ts[1]
+        honest_send = b._send
+
+        def corrupt(peer, tag, parts, rec):
+            if tag[1] == "gather":
+                bad = parts[0].clone().fill_(min(torch.iinfo(parts[0].dtype).max, 1000))
+                parts = [bad, *parts[1:]]
+            honest_send(peer, tag, parts, rec)
+
+        def steps(n):
+            for _ in range(n):
+                errs: list = []
+
+                def one(i, errs=errs):
+                    try:
+                        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(i))
+                        models[i](x).square().mean().backward()
+                        opts[i].step()
+                        opts[i].zero_grad()
+                    except BaseException as e:  # noqa: BLE001 - reported below
+                        errs.append(e)
+                th = [threading.Thread(target=one, args=(i,)) for i in range(len(ts))]
+                for t in th:
+                    t.start()
+                for t in th:
+                    t.join(30)
+                assert not errs, errs
+
+        b._send = corrupt
+        steps(1)
+        assert [o.failed_syncs for o in opts] == [1, 1]
+        assert all(f"member {b.rank}" in (o.sync_log[-1].error or "") for o in opts), [o.sync_log[-1] for o in opts]
+        b._send = honest_send
+        steps(2)
+        assert [o.failed_syncs for o in opts] == [1, 1]
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
+def test_a_peer_whose_part_failed_in_a_committed_op_resyncs_to_the_same_bits(keys):
+    """No silent None: when the run commits an op whose result this peer does not have, it raises, its
+    strategy rolls back, and it re-syncs from a snapshot: afterwards it holds the others' bits."""
+    from lowcomm.comm.zmq.state import global_state_hash
+
+    with run(keys) as (c, ts):
+        ts = sorted(ts, key=lambda t: t.rank)
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(8, 4) for _ in ts]
+        for m in models[1:]:
+            m.load_state_dict(models[0].state_dict())
+        opts = [lowcomm.DiLoCo(torch.optim.SGD(m.parameters(), lr=0.1), transport=t, sync_every=2)
+                for m, t in zip(models, ts)]
+        for t, m, o in zip(ts, models, opts):
+            t.attach(m, o)
+        b = ts[1]
+        start, commit = b._start, b._commit
+
+        def failing_start(kind, participants, body, tag=""):
+            def body2(*a):
+                body(*a)
+                raise CommError("injected: this member lost its result after sending its part")
+            return start(kind, participants, body2, tag)
+        b._start = failing_start
+        b._commit = lambda tag, parts, ok, deadline: commit(tag, parts, True, deadline)  # it votes ok anyway
+        errs: list = []
+
+        def train(i, errs=errs):
+            try:
+                for step in range(2):
+                    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + i))
+                    models[i](x).square().mean().backward()
+                    opts[i].step()
+                    opts[i].zero_grad()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errs.append(e)
+        th = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+        for t in th:
+            t.start()
+        for t in th:
+            t.join(60)
+        assert not errs, errs
+        assert opts[0].failed_syncs == 0 and opts[1].failed_syncs == 1
+        assert "re-syncs from a snapshot" in opts[1].sync_log[-1].error
+        assert global_state_hash(opts[0]) == global_state_hash(opts[1])
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+
+
 def test_removed_key_is_ejected_and_old_state_file_refused(keys, tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"epoch": 1, "next_id": 3, "dropped": []}))
@@ -275,3 +376,90 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
 TestCoordinatorUnderAttack = CoordinatorUnderAttack.TestCase
 TestCoordinatorUnderAttack.settings = settings(max_examples=60, stateful_step_count=25, derandomize=True,
                                                deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def bare_peer():
+    """A ZmqTransport's message handler without sockets (no CURVE: identities are routing ids): member 0 of
+    a run with members 0, 1, 2; what it serves is recorded instead of sent."""
+    from lowcomm.comm.zmq.security import Rejects
+
+    p = object.__new__(ZmqTransport)
+    p.curve, p._id, p.max_tensor_bytes, p.chunk_bytes = None, 0, 1 << 20, 1024
+    p._cv = threading.Condition()
+    p._inbox, p._aborts, p._groups, p._held, p._rx, p._progress = {}, {}, {}, {}, {}, {}
+    p._expect, p._own_bytes, p._floor, p._seq, p._live = 0, 0, 0, 0, None
+    p._members, p._joiners, p._deferred, p._next_hb = [0, 1, 2], {}, [], 0.0
+    p._peers = {i: (f"tcp://127.0.0.1:{7000 + i}", None, bytes([i + 1]) * 16) for i in range(3)}
+    p.dropped_invalid, p.rejects = 0, Rejects(logging.getLogger("test"))
+    p.served = []
+    p._serve = lambda rid, m: p.served.append(m["id"])
+    return p
+
+
+class PeerUnderAttack(RuleBasedStateMachine):
+    """Honest members 1 and 2 send chunks, aborts and fetches; a stranger ("X" routing id) sends the same
+    kinds claiming any member id. Invariants: only honest messages are filed, within the op window and the
+    per-sender quotas; the stranger is never served a snapshot."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = bare_peer()
+        self.honest: set[tuple[int, int]] = set()
+        self.honest_aborts: set[int] = set()
+
+    def _data(self, rid, sender, op, n, off=0, tag="rs"):
+        hdr = encode_header("data", sender, 0, op, tag, 0, 0, 1, "float32", [n], off)
+        self.p._on_peer_message([zmq.Frame(rid), zmq.Frame(hdr), zmq.Frame(torch.ones(n).numpy().tobytes())])
+
+    @rule(sender=st.sampled_from([1, 2]), dop=st.integers(0, 3), tag=st.sampled_from(["rs", "ag"]))
+    def honest_chunk(self, sender, dop, tag):
+        op = self.p._floor + dop
+        before = len(self.p._inbox)
+        self._data(bytes([sender + 1]) * 16, sender, op, 64, 0, tag)
+        if len(self.p._inbox) > before:
+            self.honest.add((sender, op))
+
+    @rule(sender=st.sampled_from([1, 2]))
+    def honest_abort(self, sender):
+        op = self.p._floor
+        self.p._on_peer_message([zmq.Frame(bytes([sender + 1]) * 16), zmq.Frame(encode_control("abort", id=sender,
+                                                                                                op=op))])
+        self.honest_aborts.add(op)
+
+    @rule(kind=st.sampled_from(["data", "abort", "fetch", "garbage"]), claim=st.integers(0, 5),
+          op=st.integers(0, 60), n=st.integers(1, 4096), rid=st.sampled_from([b"X" * 16, b"X" * 17, b"Y"]))
+    def attack(self, kind, claim, op, n, rid):
+        if kind == "data":
+            self._data(rid, claim, op, n)
+        elif kind == "abort":
+            self.p._on_peer_message([zmq.Frame(rid), zmq.Frame(encode_control("abort", id=claim, op=op))])
+        elif kind == "fetch":
+            self.p._on_peer_message([zmq.Frame(rid), zmq.Frame(encode_control("fetch", id=claim, snap=None,
+                                                                                tensor=-1))])
+            for frames in self.p._deferred:  # the next state from the coordinator admits nobody new
+                self.p._on_peer_message(frames, deferred=True)
+            self.p._deferred.clear()
+        else:
+            self.p._on_peer_message([zmq.Frame(rid), zmq.Frame(b"\xc1" * n)])
+
+    @rule()
+    def next_op(self):
+        seq = self.p._floor + 1
+        self.p._seq = seq + 1
+        self.p._advance_floor(seq)
+        self.p._groups[seq] = {0, 1, 2}
+
+    @invariant()
+    def only_honest_and_bounded(self):
+        p = self.p
+        assert {(k[0], k[1]) for k in p._inbox} <= self.honest
+        assert all(p._floor <= k[1] <= p._floor + 3 for k in p._inbox)
+        assert set(p._aborts) <= self.honest_aborts and set(p._aborts.values()) <= {1, 2}
+        assert not p.served and len(p._deferred) <= 8
+        for sender, (nbytes, chunks) in p._held.items():
+            assert sender in (1, 2) and chunks <= 4096 and nbytes <= 2 * 4 * p.chunk_bytes + 4096 * 64 * 4
+
+
+TestPeerUnderAttack = PeerUnderAttack.TestCase
+TestPeerUnderAttack.settings = settings(max_examples=60, stateful_step_count=30, derandomize=True, deadline=None,
+                                        suppress_health_check=list(HealthCheck))

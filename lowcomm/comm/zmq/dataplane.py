@@ -206,6 +206,29 @@ class DataPlane:
             self._scratch[key] = buf
         return buf[:numel]
 
+    def all_gather(self, payload: Sequence[torch.Tensor], validate=None) -> Handle:
+        """As :meth:`P2PTransport.all_gather`; ``validate(parts, member)`` (raising ValueError) checks every
+        other member's payload before the commit vote, so a malformed one fails the op everywhere, naming
+        its sender, instead of diverging the peers that parse it after the commit."""
+        if validate is None:
+            return super().all_gather(payload)
+        payload = [t.detach() for t in payload]
+        members = self._members_or_raise()
+
+        def body(seq, rec, members, deadline):
+            for peer in members:
+                if peer != self.rank:
+                    self._send(peer, (seq, "gather"), payload, rec)
+            out = []
+            for peer in members:
+                parts = payload if peer == self.rank else self._recv(peer, (seq, "gather"), deadline)
+                if peer != self.rank:
+                    validate(list(parts), peer)
+                out.append(parts)
+            return out
+
+        return self._start("all_gather", members, body)
+
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
         """As :meth:`P2PTransport.all_reduce`; without a codec, the flat copy lives in a reused buffer."""
         if codec is not None and getattr(codec, "name", codec) not in ("identity", "none"):
@@ -309,7 +332,7 @@ class DataPlane:
             return False
         return key == entry[1] if self.curve is not None else rid == entry[2]
 
-    def _on_peer_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_peer_message(self, frames: list[zmq.Frame], deferred: bool = False) -> None:
         """Check and file one message from the ROUTER (I/O thread). A message counts only when its
         connection (routing id, and with CURVE its key) is that of the member it claims to come from,
         that member belongs to the op, the op is the current one or one of the next two, and the
@@ -330,7 +353,12 @@ class DataPlane:
                     return
                 # A snapshot: only for members and the joiners the coordinator admitted (their ticket).
                 book = {**self._joiners, **self._peers}
-                if not (self._is(m["id"], rid[:RID_BYTES], key, book)):
+                if not self._is(m["id"], rid[:RID_BYTES], key, book):
+                    if not deferred and len(self._deferred) < 8:
+                        # maybe a joiner admitted since our last heartbeat: ask the coordinator now
+                        self._deferred.append(frames)
+                        self._next_hb = 0.0
+                        return
                     raise WireError(f"snapshot request claiming member {m['id']} from a peer that is neither a "
                                     f"member nor an admitted joiner")
                 self._serve(rid, m)
