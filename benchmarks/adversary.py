@@ -62,7 +62,7 @@ def flood(keys: str, targets: list[tuple[str, str, str]], ids: list[int], rate: 
         socks.append((s, role))
     chunk = torch.zeros(1024).numpy()
     msgs = {"coord": [[encode_control("leave", id=i)] for i in ids]
-            + [[encode_control("done", id=i, op=o, group=ids, ok=True)] for i in ids for o in range(4)]
+            + [[encode_control("done", id=i, op=o, group=ids, ok=True, why="")] for i in ids for o in range(4)]
             + [[encode_control("ready", id=i, op=10**6)] for i in ids],
             "peer": [[encode_header("data", i, 0, o, "rs", 0, 0, 1, "float32", [1 << 20], 0), chunk]
                      for i in ids for o in range(8)]

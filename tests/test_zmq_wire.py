@@ -104,14 +104,15 @@ def test_fuzz_structured_headers_and_controls(fields):
 
 
 def test_control_round_trip_and_rejects():
-    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True)
+    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True, why="")
     assert decode_control(raw)["group"] == [0, 1, 2]
     with pytest.raises(WireError, match="unexpected"):
         decode_control(raw, allowed=("hb",))
     with pytest.raises(WireError, match="fields"):
         decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1}))
     with pytest.raises(WireError, match="invalid"):
-        decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1, "op": 7, "group": ["x"], "ok": True}))
+        decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1, "op": 7, "group": ["x"], "ok": True,
+                                      "why": ""}))
     with pytest.raises(WireError, match=f"speaks wire version 1, this process speaks version {VERSION}"):
         decode_control(msgpack.packb({"v": 1, "k": "done", "id": 1, "op": 7, "group": [1], "ok": True}))
     with pytest.raises(ValueError, match="needs fields"):

@@ -303,13 +303,15 @@ class Coordinator(Bookkeeping):
             return
         if key in self.verdicts:
             ok, lost = self.verdicts[key]
-            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost, mac=self._mac(*key, ok)))
+            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost, mac=self._mac(*key, ok), why=""))
             return
         if key not in self.votes and sum(mid in v.group for v in self.votes.values()) >= 4:
             self._reject(mem.who, f"member {mid} votes on a fifth open op at once ({op})")
             return
         v = self.votes.setdefault(key, _Vote(self._now(), group))
         v.votes[mid] = bool(m["ok"])
+        if not m["ok"] and m["why"]:
+            v.whys[mid] = m["why"]
         v.reply_to[mid] = rid
         self._check_votes()
 
@@ -337,7 +339,8 @@ class Coordinator(Bookkeeping):
                 self.ops_committed += 1
             else:
                 self.ops_failed += 1
-            frame = encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok))
+            why = "; ".join(f"member {g} reports: {w}" for g, w in sorted(v.whys.items()))[:1024]
+            frame = encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok), why=why)
             for rid in v.reply_to.values():
                 self._send(rid, frame)
             if not ok:

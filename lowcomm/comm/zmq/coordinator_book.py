@@ -48,6 +48,7 @@ class _Vote:
     first: float
     group: list[int]
     votes: dict[int, bool] = field(default_factory=dict)
+    whys: dict[int, str] = field(default_factory=dict)  # what failed voters reported (their word, not checked)
     reply_to: dict[int, bytes] = field(default_factory=dict)
 
 

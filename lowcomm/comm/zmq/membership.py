@@ -194,10 +194,12 @@ class Membership:
                         pass
         if len(group) == 1:
             return ok, []
-        frame = encode_control("done", id=self._id, op=seq, group=group, ok=ok)
+        why = "" if ok else str(getattr(self, "_op_error", "") or "")[:256]
+        frame = encode_control("done", id=self._id, op=seq, group=group, ok=ok, why=why)
         m = self._request(frame, lambda m: m["k"] == "verdict" and m["op"] == seq, deadline)
         self._verdicts.append([seq, ",".join(map(str, group)), m["ok"], m["mac"]])
         del self._verdicts[:-64]
+        self._verdict_why = m["why"]
         return m["ok"], list(m["lost"])
 
 

@@ -282,6 +282,7 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
             who = self._last_from
             err = BadPayload(who if who is not None else self._id,
                              f"{kind} #{seq}: the payload from member {who} is malformed: {type(e).__name__}: {e}")
+        self._op_error, self._verdict_why = err, ""
         ok, lost = self._commit((seq, "commit"), members, err is None, deadline)
         rec.ok = ok
         if ok and err is not None:
@@ -292,7 +293,9 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
         if not ok:
             if isinstance(err, PeerLost) and err.lost:
                 lost = sorted(set(lost) | set(err.lost))
-            raise PeerLost(lost, f"{kind} #{seq} failed: lost peer(s) {lost}" + (f" ({err})" if err else "")) from err
+            why = f"; {self._verdict_why}" if self._verdict_why and err is None else ""
+            raise PeerLost(lost, f"{kind} #{seq} failed: lost peer(s) {lost}" + (f" ({err})" if err else "")
+                           + why) from err
         return result() if callable(result) else result
 
     def _advance_floor(self, seq: int) -> None:

@@ -296,7 +296,7 @@ CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
     "hb": {"id": _I, "hashes": _hashes},
     "leave": {"id": _I},
     "ready": {"id": _I, "op": _I},
-    "done": {"id": _I, "op": _I, "group": _group, "ok": _B},
+    "done": {"id": _I, "op": _I, "group": _group, "ok": _B, "why": _is_str(256)},
     "activate": {"id": _I, "next_op": _I},
     "query": {"id": _I, "sync": _I},
     # coordinator -> peer
@@ -306,7 +306,7 @@ CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
               "joiners": _member_list},
     "go": {"op": _I, "epoch": _I, "members": _member_list},
     "drop": {"op": _I, "reason": _S},
-    "verdict": {"op": _I, "ok": _B, "lost": _int_list(MAX_MEMBERS), "mac": _mac},
+    "verdict": {"op": _I, "ok": _B, "lost": _int_list(MAX_MEMBERS), "mac": _mac, "why": _is_str(1024)},
     "answer": {"sync": _I, "hash": _opt(_is_str(128)), "agreed": _B},
     "error": {"reason": _S},
     # peer <-> peer (sent as a single control frame on the data sockets)
