@@ -57,6 +57,8 @@ def _hdr(**over):
     ({"s": True}, "'s'"),
     ({"o": 1.5}, "'o'"),
     ({"x": 5}, "codec"),
+    ({"x": "pickle"}, "known codec"),
+    ({"x": "int4:block=64;rm -rf"}, "known codec"),
     ({"zz": 1}, "unknown field"),
     ({"e": ...}, "'e'"),
 ])
@@ -117,6 +119,14 @@ def test_control_round_trip_and_rejects():
         decode_control(msgpack.packb({"v": 1, "k": "done", "id": 1, "op": 7, "group": [1], "ok": True}))
     with pytest.raises(ValueError, match="needs fields"):
         encode_control("done", id=1)
+
+
+def test_wire_codec_names_are_the_codecs():
+    from lowcomm.codecs import CODECS
+    from lowcomm.comm.zmq.wire import CODEC_NAMES
+
+    assert set(CODECS) == CODEC_NAMES  # add a codec there, add its name here
+    decode_header(_hdr(x="int4:block=64:scale=bf16"))
 
 
 def test_every_dtype_is_named_consistently():

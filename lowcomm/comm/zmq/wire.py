@@ -20,7 +20,8 @@ the sender's routing id as frame 0 on receipt, which is not part of the format):
   ``d``   dtype of the part, one of :data:`DTYPES` (names, never objects)
   ``sh``  shape of the part, a list of at most 8 non-negative ints
   ``off`` byte offset of this chunk inside the part, a multiple of the element size
-  ``x``   codec name (str, at most 32 chars) or nil: what the sender encoded with
+  ``x``   codec spec or nil: what the sender encoded with; the name must be one of
+          :data:`CODEC_NAMES` (``name[:key=value...]``, checked by pattern)
   ======  ==========================================================================
 
 * frame 2, **payload** (``"data"`` only): the raw little-endian bytes of the part from
@@ -35,7 +36,7 @@ the message and logs the sender. ``zmq.MAXMSGSIZE`` on every receiving socket st
 oversized frame inside libzmq before Python sees it.
 
 Control messages (peer <-> coordinator, and the small peer-to-peer ``abort`` / ``fetch`` /
-``snap`` messages) are one msgpack map frame (key ``k`` names the kind) whose fields are
+``snap`` messages) are one msgpack map frame (key ``v`` the format version, ``k`` the kind) whose fields are
 checked against :data:`CONTROL_SCHEMA` by :func:`decode_control`. A peer's ROUTER tells them
 apart by frame count: one frame after the routing id is a control message, two a data message,
 anything else is dropped. Snapshot chunks (donor -> joiner) are data messages with tag
@@ -90,6 +91,8 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 _TAG_RE = re.compile(r"^[a-z0-9_]{1,16}$")
+_CODEC_RE = re.compile(r"^[a-z0-9_]{1,16}(:[a-z_]{1,16}=[a-z0-9_.]{1,16}){0,4}$")
+CODEC_NAMES = frozenset({"identity", "none", "fp32", "bf16", "fp16", "int8", "int4", "e3m0"})  # lowcomm.codecs
 DATA_KINDS = ("data",)
 
 
@@ -208,8 +211,9 @@ def decode_header(buf: bytes | memoryview, max_part_bytes: int = DEFAULT_MAX_PAR
     if offset % _ITEMSIZE[dtype] or offset > nbytes:
         raise WireError(f"chunk offset {offset} is not inside the {nbytes}-byte part or not element-aligned")
     codec = h.get("x")
-    if codec is not None and (type(codec) is not str or len(codec) > 32):
-        raise WireError(f"codec must be nil or a short string, got {_short(codec)}")
+    if codec is not None and (type(codec) is not str or not _CODEC_RE.match(codec)
+                              or codec.split(":")[0] not in CODEC_NAMES):
+        raise WireError(f"codec must be nil or a spec of a known codec ({sorted(CODEC_NAMES)}), got {_short(codec)}")
     return DataHeader(kind, sender, epoch, op, tag, group, part, nparts, dtype, tuple(shape), offset, codec, nbytes)
 
 
