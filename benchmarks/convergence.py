@@ -35,8 +35,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import lowcomm  # noqa: E402,F401 - registers the built-in strategies
 from lowcomm.models import GPTConfig  # noqa: E402
-from lowcomm.sim.cli import _load_plugins, _value  # noqa: E402
 from lowcomm.sim.report import format_bytes, format_seconds  # noqa: E402
 from lowcomm.sim.runner import Projection, SimConfig, run_strategy  # noqa: E402
 
@@ -55,12 +55,11 @@ def parse_spec(spec: str) -> tuple[str, str, dict]:
         k, _, v = kv.partition("=")
         if not _:
             raise ValueError(f"bad knob {kv!r} in run spec {spec!r}; use key=value")
-        knobs[k] = _value(v)
+        knobs[k] = v  # parsed against the knob's type by the strategy's config
     return spec, name, knobs
 
 
 def run(args: argparse.Namespace) -> None:
-    _load_plugins()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "runs.jsonl")
     done = set()
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
 
 def make_cfg(args, seed, steps, workers) -> SimConfig:
     return SimConfig(workers=workers, steps=steps, batch_size=16, model=MODELS[args.model], lr=args.lr,
-                     warmup=max(1, steps // 20), seed=seed, data=args.data, eval_every=args.eval_every,
+                     warmup_steps=max(1, steps // 20), seed=seed, data=args.data, eval_every=args.eval_every,
                      eval_sequences=128, threads=2, projection=Projection(params=1e9))
 
 

@@ -45,7 +45,7 @@ def ints(s: str) -> list[int]:
 
 
 def sim(name: str, steps: int, seed: int, workers: int, overrides: dict) -> dict:
-    cfg = SimConfig(workers=workers, steps=steps, seed=seed, model=DEFAULT_MODEL, warmup=max(1, steps // 15),
+    cfg = SimConfig(workers=workers, steps=steps, seed=seed, model=DEFAULT_MODEL, warmup_steps=max(1, steps // 15),
                     eval_every=max(1, steps // 4))
     t0 = time.monotonic()
     r = run_strategy(name, cfg, overrides)

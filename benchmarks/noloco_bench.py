@@ -108,7 +108,7 @@ def main(argv=None) -> int:
                 cfg = SimConfig(workers=args.workers, steps=args.steps, batch_size=args.batch_size, model=model,
                                 lr=args.lr, seed=seed, eval_every=args.sync_every,
                                 eval_sequences=args.eval_sequences, threads=args.threads,
-                                bandwidths=(100e6,), latency=args.latency, warmup=min(20, args.steps // 10))
+                                bandwidths=(100e6,), latency=args.latency, warmup_steps=min(20, args.steps // 10))
                 # the lr is the benchmark's for every strategy (equal settings), H the same for all
                 res = run_strategy(strat, cfg, {"sync_every": args.sync_every, "lr": args.lr, **extra})
                 P = res.params

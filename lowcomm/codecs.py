@@ -66,8 +66,10 @@ from typing import Any
 
 import torch
 
+from .shards import shard_bounds
+
 __all__ = ["Codec", "IdentityCodec", "BF16Codec", "FP16Codec", "Int8Codec", "Int4Codec", "E3M0Codec",
-           "ErrorFeedback", "get_codec", "register_codec", "CODECS"]
+           "ErrorFeedback", "get_codec", "register_codec", "wire_codec", "CODECS"]
 
 _SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -113,9 +115,9 @@ def _raise_nonfinite(x: torch.Tensor, name: str) -> None:
                      f"a pseudo-gradient must be finite - lower the learning rate or check the loss for NaN")
 
 
-def _out_buffer(out: torch.Tensor | None, numel: int, name: str) -> torch.Tensor:
+def _out_buffer(out: torch.Tensor | None, numel: int, name: str, device: torch.device) -> torch.Tensor:
     if out is None:
-        return torch.empty(numel, dtype=torch.float32)
+        return torch.empty(numel, dtype=torch.float32, device=device)
     if out.dtype != torch.float32 or out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"codec {name}: out must be a contiguous fp32 tensor of {numel} elements, "
                          f"got {out.dtype} with {out.numel()}")
@@ -126,13 +128,14 @@ class _Scratch(threading.local):
     """Per-thread reusable buffers (a transport may encode on its own thread meanwhile)."""
 
     def __init__(self) -> None:
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self.bufs.get(key)
+    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of ``numel`` ``dtype`` values on ``device`` (the data's device), reused per thread."""
+        buf = self.bufs.get((key, device))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype)
-            self.bufs[key] = buf
+            buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+            self.bufs[(key, device)] = buf
         return buf[:numel]
 
 
@@ -150,7 +153,7 @@ class IdentityCodec(Codec):
             raise ValueError(f"identity codec: payload has {x.numel()} values, expected {numel}")
         if out is None:
             return x.to(torch.float32)
-        return _out_buffer(out, numel, self.name).copy_(x.reshape(-1))
+        return _out_buffer(out, numel, self.name, x.device).copy_(x.reshape(-1))
 
 
 class _CastCodec(Codec):
@@ -174,7 +177,7 @@ class _CastCodec(Codec):
     def decode(self, parts: Sequence[torch.Tensor], numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if len(parts) != 1 or parts[0].dtype != self.dtype or parts[0].numel() != numel:
             raise ValueError(f"codec {self.name}: expected one {self.dtype} tensor of {numel} values")
-        return _out_buffer(out, numel, self.name).copy_(parts[0].reshape(-1))
+        return _out_buffer(out, numel, self.name, parts[0].device).copy_(parts[0].reshape(-1))
 
 
 class BF16Codec(_CastCodec):
@@ -220,13 +223,13 @@ class _BlockCodec(Codec):
         flat = _flat_input(x, self.name)
         n = flat.numel()
         nb = self._nblocks(n)
-        f = self._scratch.get("f", nb * self.block, torch.float32)
+        f = self._scratch.get("f", nb * self.block, torch.float32, flat.device)
         f[:n].copy_(flat)
         f[n:].zero_()
         fb = f.view(nb, self.block)
         # |x| into a second scratch, then a per-block amax (a contiguous inner-dim reduction is
         # vectorized; aminmax / abs().amax() over fresh memory are 3-6x slower here).
-        g = self._scratch.get("g", nb * self.block, torch.float32)
+        g = self._scratch.get("g", nb * self.block, torch.float32, flat.device)
         torch.abs(f, out=g)
         absmax = g.view(nb, self.block).amax(1)  # NaN propagates, so one small check covers the input
         if not bool(torch.isfinite(absmax).all()):
@@ -267,12 +270,13 @@ class _BlockCodec(Codec):
     def _decode_pairs(self, packed: torch.Tensor, numel: int, out: torch.Tensor, table: torch.Tensor) -> None:
         """Two values per byte through a (256, 2) table into out[:numel]."""
         m = packed.numel()
-        idx = self._scratch.get("idx", m, torch.int32)
+        idx = self._scratch.get("idx", m, torch.int32, out.device)
         idx.copy_(packed)
+        table = table.to(out.device)  # a no-op on the CPU, where the tables live
         if numel == 2 * m:
             torch.index_select(table, 0, idx, out=out.view(m, 2))
         else:
-            tmp = self._scratch.get("pairs", 2 * m, torch.float32)
+            tmp = self._scratch.get("pairs", 2 * m, torch.float32, out.device)
             torch.index_select(table, 0, idx, out=tmp.view(m, 2))
             out.copy_(tmp[:numel])
 
@@ -283,7 +287,7 @@ class _BlockCodec(Codec):
         lo = pairs[:, 0]
         lo.add_(pairs[:, 1], alpha=16)
         m = (numel + 1) // 2
-        packed = torch.empty(m, dtype=torch.uint8)
+        packed = torch.empty(m, dtype=torch.uint8, device=codes.device)
         packed.copy_(lo[:m])
         return packed
 
@@ -299,13 +303,13 @@ class Int8Codec(_BlockCodec):
         fb, s_wire, _, div = self._prepare(x)
         # divide first (|x/s| <= 1, no overflow even for subnormal s), then scale to the code range
         fb.div_(div[:, None]).mul_(127.0).round_()
-        codes = torch.empty(n, dtype=torch.int8)
+        codes = torch.empty(n, dtype=torch.int8, device=fb.device)
         codes.copy_(fb.view(-1)[:n])
         return [codes, s_wire]
 
     def decode(self, parts: Sequence[torch.Tensor], numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_parts(parts, numel, numel, torch.int8)
-        out = _out_buffer(out, numel, self.name)
+        out = _out_buffer(out, numel, self.name, parts[0].device)
         out.copy_(parts[0])
         self._scale_blocks(out, numel, parts[1].to(torch.float32) / 127.0)
         return out
@@ -340,7 +344,7 @@ class Int4Codec(_BlockCodec):
 
     def decode(self, parts: Sequence[torch.Tensor], numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_parts(parts, numel, (numel + 1) // 2, torch.uint8)
-        out = _out_buffer(out, numel, self.name)
+        out = _out_buffer(out, numel, self.name, parts[0].device)
         self._decode_pairs(parts[0], numel, out, self._table)
         self._scale_blocks(out, numel, parts[1].to(torch.float32) / 7.0)
         return out
@@ -357,24 +361,24 @@ class E3M0Codec(_BlockCodec):
         fb, s_wire, _, div = self._prepare(x)
         f = fb.view(-1)
         fb.div_(div[:, None])  # r = x / s in [-1, 1]
-        g = self._scratch.get("g", f.numel(), torch.float32)
+        g = self._scratch.get("g", f.numel(), torch.float32, f.device)
         torch.abs(f, out=g)
         bits = g.view(torch.int32)  # |r| >= 0, so its int32 view orders like the float
         # 1 where |r| >= 2**-7 (nearer s/64 than 0): an arithmetic shift of (bits - bits(2**-7)) is -1 or 0
-        low = self._scratch.get("low", f.numel(), torch.int32)
+        low = self._scratch.get("low", f.numel(), torch.int32, f.device)
         torch.sub(bits, 0x3C000000, out=low).bitwise_right_shift_(31).add_(1)
         # biased exponent of |r| rounded to the nearest power of two (the carry happens exactly when
         # the mantissa is >= 1.5); 2**0 has biased exponent 127 -> k = 7, 2**-6 -> k = 1
         bits.add_(0x400000).bitwise_right_shift_(23).sub_(120).clamp_(0, 7)
         torch.maximum(bits, low, out=bits)
-        k = self._scratch.get("k", f.numel(), torch.float32)
+        k = self._scratch.get("k", f.numel(), torch.float32, f.device)
         k.copy_(bits)  # an explicit cast: a mixed int/float mul_ converts through a slow path
         f.sign_().mul_(k).add_(7.0)  # code = 7 + sign(r) * k, in 0..14
         return [self._pack_pairs(f, n), s_wire]
 
     def decode(self, parts: Sequence[torch.Tensor], numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         self._check_parts(parts, numel, (numel + 1) // 2, torch.uint8)
-        out = _out_buffer(out, numel, self.name)
+        out = _out_buffer(out, numel, self.name, parts[0].device)
         self._decode_pairs(parts[0], numel, out, self._table)
         self._scale_blocks(out, numel, parts[1].to(torch.float32))
         return out
@@ -386,17 +390,18 @@ class ErrorFeedback:
     Usage around one collective: ``y = ef.compensate_(x)`` (x += carried error, in place), then
     ``ef.residual(y, shards)`` computes ``y - decode(encode(y))`` with the same shard layout the
     quantized all-reduce uses (each of ``shards`` contiguous pieces is encoded on its own, see
-    :func:`lowcomm.comm.p2p.shard_bounds`), into a pending buffer; ``ef.commit()`` makes it the
+    :func:`lowcomm.shards.shard_bounds`), into a pending buffer; ``ef.commit()`` makes it the
     carried error once the sync succeeded (a failed sync keeps the old error).
     The carried error stays within one step's codec bound, so it cannot drift.
     """
 
-    def __init__(self, codec: Codec | str | None, numel: int):
+    def __init__(self, codec: Codec | str | None, numel: int, device: torch.device | str | None = None):
         self.codec = get_codec(codec)
         self.numel = int(numel)
-        self.error = torch.zeros(self.numel)
+        self.device = torch.device("cpu" if device is None else device)  # the parameters' device
+        self.error = torch.zeros(self.numel, device=self.device)
         self._pending: torch.Tensor | None = None
-        self._decoded = torch.empty(0)
+        self._decoded = torch.empty(0, device=self.device)
 
     def compensate_(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.numel or x.dtype != torch.float32:
@@ -405,28 +410,34 @@ class ErrorFeedback:
 
     @torch.no_grad()
     def residual(self, y: torch.Tensor, shards: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
-        from .comm.p2p import shard_bounds
-
         y = y.reshape(-1)
         if y.numel() != self.numel:
             raise ValueError(f"error feedback holds {self.numel} values, got {y.numel()}")
         if self._decoded.numel() < self.numel:
-            self._decoded = torch.empty(self.numel)
+            self._decoded = torch.empty(self.numel, device=self.device)
         dec = self._decoded[:self.numel]
         for s, e in shard_bounds(self.numel, max(1, int(shards))):
             self.codec.decode(self.codec.encode(y[s:e]), e - s, out=dec[s:e])
-        pending = out if out is not None else torch.empty(self.numel)
+        pending = out if out is not None else torch.empty(self.numel, device=self.device)
         torch.sub(y, dec, out=pending)
         self._pending = pending
         return pending
 
     def commit(self) -> None:
+        """The sync succeeded: the pending residual becomes the carried error."""
         if self._pending is not None:
             self.error.copy_(self._pending)
             self._pending = None
 
     def discard(self) -> None:
+        """The sync failed: keep the old carried error."""
         self._pending = None
+
+    def set_pending(self, pending: torch.Tensor) -> None:
+        """Make ``pending`` (a residual saved with a sync in flight, e.g. from a checkpoint) the pending one."""
+        if pending.numel() != self.numel:
+            raise ValueError(f"error feedback holds {self.numel} values, got a pending residual of {pending.numel()}")
+        self._pending = pending.reshape(-1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"error": self.error}
@@ -444,6 +455,16 @@ CODECS: dict[str, Callable[..., Codec]] = {
     "bf16": BF16Codec, "fp16": FP16Codec,
     "int8": Int8Codec, "int4": Int4Codec, "e3m0": E3M0Codec,
 }
+
+
+def wire_codec(codec: str | Codec | None) -> Codec | None:
+    """The codec to put on the wire, or None for "no codec" (full precision, the exact path).
+
+    ``None``, ``"identity"``, ``"none"`` and ``"fp32"`` all mean no codec; strategies and
+    transports normalise their ``codec=`` argument through this one function.
+    """
+    c = get_codec(codec)
+    return None if c.name == "identity" else c
 
 
 def register_codec(name: str, factory: Callable[..., Codec]) -> None:

@@ -11,7 +11,7 @@ Data: a folder of nanoGPT-style uint16 token files (`*.bin`, GPT-2 tokenizer, vo
 by default data/tokens; point elsewhere with `--set data=/path/to/tokens`.
 
     torchrun --nproc-per-node 8 --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 \\
-        -m lowcomm.cli train --recipe recipes/gpt125m_diloco.py --set replica_size=8 --set grad_accum=2
+        -m lowcomm.train --recipe recipes/gpt125m_diloco.py --set replica_size=8 --set grad_accum=2
 
 batch_size (512) is split over the replica's ranks and then into grad_accum micro-batches:
 512 / (8 ranks x 2) = 32 sequences of 1024 tokens per forward, which fits an 80 GB GPU in bf16.

@@ -5,7 +5,7 @@ DiLoCo (arXiv 2311.08105): AdamW inner steps, every H=20 steps an all-reduce of 
 and a Nesterov outer step (lr 0.7, momentum 0.9). H is short because the run is short.
 
     lowcomm train --recipe recipes/tiny_diloco.py
-    torchrun --nproc-per-node 4 -m lowcomm.cli train --recipe recipes/tiny_diloco.py --set replica_size=2
+    torchrun --nproc-per-node 4 -m lowcomm.train --recipe recipes/tiny_diloco.py --set replica_size=2
 """
 
 from lowcomm.train import ModelConfig, TrainConfig

@@ -4,10 +4,12 @@ For: the ablation the DiLoCo paper makes (the Nesterov outer step against plain 
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_diloco import config as _base  # noqa: E402
+from lowcomm.train import load_recipe
+
+
+def _base():
+    return load_recipe(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_diloco.py"))
 
 
 def config():

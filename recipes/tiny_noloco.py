@@ -6,14 +6,16 @@ to exchange anything (a world of one just trains alone).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_diloco import config as _base  # noqa: E402
+from lowcomm.train import load_recipe
+
+
+def _base():
+    return load_recipe(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_diloco.py"))
 
 
 def config():
     cfg = _base()
     cfg.name, cfg.description = "tiny_noloco", __doc__.splitlines()[0]
-    cfg.strategy, cfg.knobs = "noloco", {"sync_every": 20, "group_size": 2, "outer_lr": 0.7, "momentum": 0.5}
+    cfg.strategy, cfg.knobs = "noloco", {"sync_every": 20, "group_size": 2, "outer_lr": 0.7, "outer_momentum": 0.5}
     return cfg

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowcomm.data import BatchStream, Corpus, load_corpus, stdlib_files
+from lowcomm.data import Corpus, ShardLoader, load_corpus, stdlib_files
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_shards_disjoint_and_deterministic(text_corpus):
             assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
         # Windows stay inside the shard: reproduce the draws and check their ranges.
         for k in range(20):
-            starts = np.random.default_rng([3, r, W, k]).integers(s.lo, s.hi - 16, size=8)
+            starts = np.random.default_rng([3, r, W, k]).integers(s.sampler.lo, s.sampler.hi - 16, size=8)
             assert (starts >= bounds[r][0]).all() and (starts + 17 <= bounds[r][1]).all()
             pos.update(starts.tolist())
         seen.append(pos)
@@ -129,5 +129,5 @@ def test_unreadable_file(tmp_path):
 
 def test_stream_type_is_resumable_iterator(text_corpus):
     s = Corpus(load_corpus(text_corpus), seq_len=8).stream(0, 1, 2)
-    assert isinstance(s, BatchStream) and iter(s) is s
+    assert isinstance(s, ShardLoader) and iter(s) is s
     assert math.isfinite(float(next(s)[0].float().mean()))

@@ -294,9 +294,11 @@ def test_bad_arguments_raise_value_error():
 
 
 def test_registered_for_the_simulator():
+    from lowcomm.sim.presets import preset
+
     s = lowcomm.get_strategy("demo")
-    assert s.defaults["inner"] == "sgd" and s.defaults["lr"] > 0 and s.defaults["topk"] == 32
+    assert s.config.inner == "sgd" and preset("demo")["lr"] > 0 and s.defaults["topk"] == 32
     m = make_model()
-    knobs = {k: v for k, v in s.defaults.items() if k not in ("inner", "lr")}
-    opt = s.build(torch.optim.SGD(m.parameters(), lr=s.defaults["lr"]), world_of_one(), m, **knobs)
+    knobs = s.defaults
+    opt = s.build(torch.optim.SGD(m.parameters(), lr=preset("demo")["lr"]), world_of_one(), m, **knobs)
     assert isinstance(opt, lowcomm.DeMo)

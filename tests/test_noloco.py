@@ -66,7 +66,7 @@ def test_w2_eta1_mu0_moves_both_to_their_mean():
     def worker(t):
         m = make_model()
         opt = lowcomm.NoLoCo(torch.optim.SGD(m.parameters(), lr=0.05), transport=t, sync_every=3,
-                             outer_lr=1.0, momentum=0.0)
+                             outer_lr=1.0, outer_momentum=0.0)
         for step in range(3):
             opt.zero_grad()
             loss_of(m, *batch(t.rank, step)).backward()
@@ -102,7 +102,7 @@ def test_golden_two_syncs_with_momentum():
 def test_matches_reference_recursion(W, n, gamma):
     """Stock SGD(lr=eta, momentum=mu) on g = phi - mean_G(theta) is equation (1), worker by worker."""
     H, rounds, lr, eta, mu = 2, 4, 0.1, 0.7, 0.5
-    out = run_local(W, scalar_worker, H, rounds, lr, group_size=n, outer_lr=eta, momentum=mu, consensus_lr=gamma)
+    out = run_local(W, scalar_worker, H, rounds, lr, group_size=n, outer_lr=eta, outer_momentum=mu, consensus_lr=gamma)
     ref = reference(W, H, rounds, lr, eta, mu, n=n, gamma=gamma)
     for r in range(W):
         for k in range(rounds):
@@ -287,16 +287,18 @@ def test_state_dict_resume_is_exact():
 
 def test_registry_and_bad_arguments():
     s = lowcomm.get_strategy("noloco")
-    assert s.defaults == {"sync_every": 50, "group_size": 2, "outer_lr": 0.7, "momentum": 0.5}
+    d = s.defaults
+    assert {k: d[k] for k in ("sync_every", "group_size", "outer_lr", "outer_momentum")} == \
+        {"sync_every": 50, "group_size": 2, "outer_lr": 0.7, "outer_momentum": 0.5}
     m = make_model()
     t = LocalTransport(LocalWorld(1), 0)
     opt = s.build(torch.optim.AdamW(m.parameters()), t, m, **s.defaults)
     assert isinstance(opt, lowcomm.NoLoCo) and opt.sync_every == 50
     inner = lambda: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
     for kw, match in [({"sync_every": 0}, "sync_every"), ({"group_size": 0}, "group_size"),
-                      ({"outer_lr": 0}, "outer_lr"), ({"momentum": 1.0}, "momentum"),
+                      ({"outer_lr": 0}, "outer_lr"), ({"outer_momentum": 1.0}, "outer_momentum"),
                       ({"consensus_lr": -1}, "consensus_lr"), ({"seed": "x"}, "seed"),
-                      ({"momentum": 0.0, "nesterov": True}, "nesterov")]:
+                      ({"outer_momentum": 0.0, "nesterov": True}, "nesterov")]:
         with pytest.raises(ValueError, match=match):
             lowcomm.NoLoCo(inner(), transport=t, **kw)
     sd = lowcomm.NoLoCo(inner(), transport=t, seed=1).state_dict()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from _browser import chromium, dump_dom
 
 from lowcomm.comm.p2p import shard_bounds
 from lowcomm.models import GPTConfig
@@ -54,7 +55,7 @@ def test_bytes_match_closed_form(strategy, syncs):
     W, steps = 3, 6
     proj = Projection(params=1e9, flops=1e15, mfu=0.5, tokens_per_step=1000)
     cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=3, eval_sequences=4,
-                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup=1, projection=proj)
+                    threads=1, bandwidths=(1e6, 1e9), latency=0.01, warmup_steps=1, projection=proj)
     r = run_strategy(strategy, cfg, {"sync_every": 3})
     P = r.params
     per_sync = allreduce_bytes(P, W)
@@ -104,7 +105,7 @@ def test_knobs_go_only_to_strategies_that_take_them():
         run_strategy("no_such_strategy", cfg)
 
 
-def test_cli_end_to_end(tmp_path):
+def test_cli_end_to_end(tmp_path, request):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "lowcomm", "sim", "--strategies", "ddp,diloco", "--workers", "2", "--steps", "40",
@@ -125,6 +126,9 @@ def test_cli_end_to_end(tmp_path):
         assert r["projection"]["label"] == "projection"
     assert doc["runs"][1]["bytes_sent"] < doc["runs"][0]["bytes_sent"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    dom = dump_dom(chromium(request), (out / "report.html").as_uri())  # the report page draws its charts
+    assert 'data-row="ddp"' in dom and 'data-row="diloco"' in dom
+    assert 'id="chart-loss-tokens"' in dom and dom.count("<polyline") == 4
     events = [f for _, _, fs in os.walk(out / "tensorboard") for f in fs if f.startswith("events.out.tfevents")]
     assert events
     # Wrong arguments: a clear message, exit status 2.
@@ -136,7 +140,7 @@ def test_cli_end_to_end(tmp_path):
 def test_configured_step_seconds_replace_measured_compute():
     W, steps = 2, 4
     cfg = SimConfig(workers=W, steps=steps, batch_size=2, model=TINY, eval_every=4, eval_sequences=2,
-                    threads=1, bandwidths=(1e6,), latency=0.01, warmup=1, step_seconds=0.5)
+                    threads=1, bandwidths=(1e6,), latency=0.01, warmup_steps=1, step_seconds=0.5)
     r = run_strategy("diloco", cfg, {"sync_every": 2})
     assert r.compute_seconds == pytest.approx(steps * 0.5)
     net = Network(1e6, 0.01)

@@ -262,10 +262,12 @@ def test_state_dict_resume_mid_flight_is_exact(ef):
 
 
 def test_flush_and_registry():
+    from lowcomm.sim.presets import preset
+
     def worker(t):
         m = Net(layers=2)
         s = lowcomm.get_strategy("streaming")
-        opt = s.build(torch.optim.SGD(m.parameters(), lr=0.01), t, m, **s.defaults)
+        opt = s.build(torch.optim.SGD(m.parameters(), lr=0.01), t, m, **{**s.defaults, **preset("streaming")})
         assert (opt.sync_every, opt.num_fragments, opt.overlap, opt.alpha, opt.codec.name) == (50, 2, 1, 0.5, "e3m0")
         train(opt, m, t.rank, 25)
         assert opt.in_flight == 0

@@ -1,6 +1,7 @@
 """The training loop: torchrun (2 replicas x 2 ranks) = local transport, resume = uninterrupted, recipes."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowcomm.comm.local import run_local
-from lowcomm.train import TrainConfig, apply_overrides, load_recipe, newest_complete_checkpoint, train
+from lowcomm.train import ModelConfig, TrainConfig, apply_overrides, load_recipe, newest_complete_checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,3 +190,37 @@ def test_gpt125m_recipe_builds_and_runs_two_steps_on_cpu(tmp_path):
     res = run_local(1, lambda t: train(cfg, transport=t, progress=None), timeout=120)[0]
     assert res.steps == 2 and np.isfinite(res.final_eval_loss)
     assert sum(p.numel() for p in res.params) == n - (1024 - 16) * 768  # only the position table shrank
+
+
+class _TrainEval(torch.utils.data.Dataset):
+    """A user's own map-style dataset: ``split`` picks the part, items are seq_len + 1 token ids."""
+
+    def __init__(self, seq_len, split):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        self.rows = torch.randint(0, 50, (400 if split == "train" else 40, seq_len + 1), generator=g)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_recipe_with_its_own_dataset(tmp_path, monkeypatch):
+    """dataset="module:Name" trains through the StatefulDataLoader; without model.vocab_size it is a ValueError."""
+    import types
+
+    mod = types.ModuleType("my_recipe_data")
+    mod.TrainEval = _TrainEval
+    monkeypatch.setitem(sys.modules, "my_recipe_data", mod)
+    cfg = TrainConfig(name="own", strategy="diloco", steps=6, batch_size=4, eval_every=3, eval_sequences=8,
+                      model=ModelConfig(n_layer=1, n_embd=16, n_head=2, seq_len=8), dataset="my_recipe_data:TrainEval",
+                      out_dir=str(tmp_path / "own"), tensorboard=False, knobs={"sync_every": 3})
+    with pytest.raises(ValueError, match="vocab_size"):
+        cfg.validate()
+    cfg.model.vocab_size = 50
+    r = train(cfg)
+    assert r.steps == 6 and math.isfinite(r.final_eval_loss) and r.final_eval_loss < math.log(50) + 0.5
+    doc = json.loads((tmp_path / "own" / "result.json").read_text())
+    assert doc["environment"]["threads"] >= 1 and doc["environment"]["torch"] == torch.__version__
+    assert 'id="data"' in (tmp_path / "own" / "report.html").read_text()

@@ -127,14 +127,6 @@ class ByteLedger:
     def count(self, kind: str | None = None) -> int:
         return sum(1 for r in self.records if kind is None or r.kind == kind)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "ops": self.ops,
-            "bytes_sent": self.bytes_sent,
-            "by_kind": self.by_kind(),
-            "by_peer": {str(k): v for k, v in self.by_peer().items()},
-        }
-
 
 class Handle:
     """The pending result of a non-blocking operation.
@@ -189,6 +181,10 @@ class Transport(abc.ABC):
     """
 
     ledger: ByteLedger
+
+    replica_group: Any = None
+    """Optional capability: the process group of this member's replica (ranks that do ordinary data
+    parallelism together, e.g. for ``DistributedDataParallel``); None where a member is one process."""
 
     @property
     @abc.abstractmethod
@@ -246,9 +242,19 @@ class Transport(abc.ABC):
         outer state and counters updated). The ZeroMQ transport snapshots the state for joining
         peers here; other transports ignore it."""
 
+    def attach(self, model: Any, optimizer: Any, *, verify_global: bool = True) -> None:  # noqa: B027
+        """Give the transport the model and optimizer once both are built (a training loop calls it).
+
+        A transport whose members can join a run under way (ZeroMQ) serves snapshots to joiners
+        from here on, and a joiner fetches the run's current state into ``model`` and
+        ``optimizer`` here (``optimizer.local_step`` then says where the run is);
+        ``verify_global``: the strategy's members hold identical global state, which a joiner
+        checks. Fixed-membership transports do nothing.
+        """
+
 
 _REQUIRED = ("rank", "world_size", "members", "epoch", "all_reduce", "all_gather", "group_reduce",
-             "broadcast", "refresh", "ledger")
+             "broadcast", "refresh", "ledger", "on_sync_applied", "attach")
 
 
 def check_transport(obj: Any) -> Transport:

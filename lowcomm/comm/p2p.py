@@ -35,20 +35,12 @@ from typing import Any
 
 import torch
 
+from ..codecs import wire_codec
+from ..shards import shard_bounds
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
+from .reduce import reduce_in_member_order
 
-__all__ = ["P2PTransport", "shard_bounds"]
-
-
-def shard_bounds(n: int, w: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) bounds of ``w`` shards of ``n`` elements (first n % w longer)."""
-    base, extra = divmod(n, w)
-    out, start = [], 0
-    for j in range(w):
-        size = base + (1 if j < extra else 0)
-        out.append((start, start + size))
-        start += size
-    return out
+__all__ = ["P2PTransport", "shard_bounds"]  # shard_bounds lives in lowcomm.shards; re-exported here
 
 
 def _check_op(op: str) -> str:
@@ -166,12 +158,7 @@ class P2PTransport(Transport):
         _check_op(op)
         tensors = list(tensors)
         members = self._members_or_raise()
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-            if codec.name == "identity":
-                codec = None
+        codec = wire_codec(codec)
 
         def body(seq, rec, members, deadline):
             me = members.index(self.rank)
@@ -184,18 +171,10 @@ class P2PTransport(Transport):
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
-            flat = _flatten(tensors, range(len(tensors)), torch.float32)
+            idxs = list(range(len(tensors)))
+            flat = _flatten(tensors, idxs, torch.float32)
             self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
-
-            def finish_q():
-                off = 0
-                with torch.no_grad():
-                    for t in tensors:
-                        n = t.numel()
-                        t.copy_(flat[off:off + n].view(t.shape))
-                        off += n
-                return tensors
-            return finish_q
+            return _write_back([(flat, idxs)], tensors)
 
         return self._start("all_reduce", members, body)
 
@@ -206,18 +185,14 @@ class P2PTransport(Transport):
                 s, e = bounds[j]
                 self._send(peer, (seq, "rs", gi), [flat[s:e]], rec)
         s, e = bounds[me]
-        acc = None
-        for j, peer in enumerate(members):
-            part = flat[s:e] if j == me else self._recv(peer, (seq, "rs", gi), deadline)[0]
-            if part.numel() != e - s:
-                raise CommError(f"shard from member {peer} has {part.numel()} elements, expected {e - s}")
-            if acc is None:
-                acc = part.to(torch.float32, copy=True)
-            else:
-                acc.add_(part)
-        if op == "mean":
-            acc.div_(w)
-        mine = acc.to(flat.dtype)
+
+        def shards():
+            for j, peer in enumerate(members):
+                part = flat[s:e] if j == me else self._recv(peer, (seq, "rs", gi), deadline)[0]
+                if part.numel() != e - s:
+                    raise CommError(f"shard from member {peer} has {part.numel()} elements, expected {e - s}")
+                yield part
+        mine = reduce_in_member_order(shards(), op).to(flat.dtype)
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "ag", gi), [mine], rec)
@@ -241,17 +216,9 @@ class P2PTransport(Transport):
             else:
                 self._send(peer, (seq, "qrs"), parts, rec)
         s, e = bounds[me]
-        acc = None
-        for j, peer in enumerate(members):
-            parts = own_parts if j == me else self._recv(peer, (seq, "qrs"), deadline)
-            part = codec.decode(parts, e - s)
-            if acc is None:
-                acc = part.to(torch.float32, copy=True)
-            else:
-                acc.add_(part)
-        if op == "mean":
-            acc.div_(w)
-        result = codec.encode(acc)
+        decoded = (codec.decode(own_parts if j == me else self._recv(peer, (seq, "qrs"), deadline), e - s)
+                   for j, peer in enumerate(members))
+        result = codec.encode(reduce_in_member_order(decoded, op))
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "qag"), result, rec)
@@ -289,19 +256,15 @@ class P2PTransport(Transport):
                 for peer in group:
                     if peer != self.rank:
                         self._send(peer, (seq, "grp", gi), [flat], rec)
-                acc = None
-                for peer in group:
-                    part = flat if peer == self.rank else self._recv(peer, (seq, "grp", gi), deadline)[0]
-                    if part.numel() != flat.numel():
-                        raise CommError(f"group_reduce: member {peer} sent {part.numel()} elements, "
-                                        f"expected {flat.numel()}")
-                    if acc is None:
-                        acc = part.to(torch.float32, copy=True)
-                    else:
-                        acc.add_(part)
-                if op == "mean":
-                    acc.div_(len(group))
-                flats.append((acc.to(dtype), idxs))
+
+                def contributions(flat=flat, gi=gi):
+                    for peer in group:
+                        part = flat if peer == self.rank else self._recv(peer, (seq, "grp", gi), deadline)[0]
+                        if part.numel() != flat.numel():
+                            raise CommError(f"group_reduce: member {peer} sent {part.numel()} elements, "
+                                            f"expected {flat.numel()}")
+                        yield part
+                flats.append((reduce_in_member_order(contributions(), op).to(dtype), idxs))
 
             return _write_back(flats, tensors)
 

@@ -5,17 +5,14 @@
   files (vocabulary given), or by default the Python standard library's own source.
 * :class:`Corpus` splits it into a training part and a held-out part and cuts the training
   part into deterministic, disjoint per-worker shards.
-* :class:`BatchStream` yields ``(inputs, targets)`` batches from one shard; its position is
-  resumable with ``state_dict()`` / ``load_state_dict()``.
+* :class:`ShardLoader` yields one worker's ``(inputs, targets)`` batches through torchdata's
+  ``StatefulDataLoader`` over any ``torch.utils.data.Dataset`` (the corpus's :class:`TokenWindows`,
+  or a user's, loaded with :func:`load_dataset`); resumable with ``state_dict()`` /
+  ``load_state_dict()``.
 """
 
-from .corpus import (
-    DEFAULT_CORPUS,
-    BatchStream,
-    Corpus,
-    TokenArray,
-    load_corpus,
-    stdlib_files,
-)
+from .corpus import DEFAULT_CORPUS, Corpus, TokenArray, load_corpus, stdlib_files
+from .loader import ShardBatchSampler, ShardLoader, TokenWindows, collate_tokens, held_out_batches, load_dataset
 
-__all__ = ["DEFAULT_CORPUS", "BatchStream", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]
+__all__ = ["DEFAULT_CORPUS", "Corpus", "ShardBatchSampler", "ShardLoader", "TokenArray", "TokenWindows",
+           "collate_tokens", "held_out_batches", "load_corpus", "load_dataset", "stdlib_files"]

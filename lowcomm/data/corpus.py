@@ -1,4 +1,4 @@
-"""Corpus loading, the held-out split, per-worker shards and resumable batch streams.
+"""Corpus loading, the held-out split and per-worker shards (batches: :mod:`lowcomm.data.loader`).
 
 The whole corpus lives in one flat numpy array (about 12 MB for the default), loaded once
 per process and cached, so a batch is a fancy-index slice of that array and never a Python
@@ -15,14 +15,14 @@ import sysconfig
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..comm.p2p import shard_bounds
+from ..shards import shard_bounds
+from .loader import ShardLoader, TokenWindows
 
-__all__ = ["DEFAULT_CORPUS", "BatchStream", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]
+__all__ = ["DEFAULT_CORPUS", "Corpus", "TokenArray", "load_corpus", "stdlib_files"]
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +191,19 @@ class Corpus:
                              f"{self.seq_len}+1; use fewer workers, a shorter context or a bigger corpus")
         return lo, hi
 
-    def stream(self, rank: int, world_size: int, batch_size: int, seed: int = 0) -> BatchStream:
-        """A resumable stream of training batches from worker ``rank``'s shard."""
-        return BatchStream(self, rank, world_size, batch_size, seed)
+    def dataset(self) -> TokenWindows:
+        """The training part as a map-style Dataset of ``seq_len + 1``-token windows."""
+        return TokenWindows(self.train_tokens, self.seq_len)
+
+    def stream(self, rank: int, world_size: int, batch_size: int, seed: int = 0) -> ShardLoader:
+        """Worker ``rank``'s resumable stream of training batches: a ``StatefulDataLoader`` over its shard.
+
+        Batch ``k`` depends only on ``(seed, rank, world_size, k)`` (see :class:`ShardBatchSampler`).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.shard(rank, world_size)  # the clear error for a shard shorter than one sequence
+        return ShardLoader(self.dataset(), rank, world_size, batch_size, seed)
 
     def eval_batches(self, batch_size: int, max_sequences: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed held-out batches: up to ``max_sequences`` non-overlapping windows spread evenly."""
@@ -204,49 +214,3 @@ class Corpus:
         windows = torch.from_numpy(self.eval_tokens[starts[:, None] + np.arange(L + 1)].astype(np.int64))
         return [(windows[i:i + batch_size, :-1], windows[i:i + batch_size, 1:])
                 for i in range(0, count, batch_size)]
-
-
-class BatchStream:
-    """Random windows from one worker's shard, ``batch_size`` per batch; resumable.
-
-    Batch number ``k`` depends only on ``(seed, rank, k)`` (a counter-based draw), so the
-    position is just ``k``: :meth:`state_dict` saves it, :meth:`load_state_dict` restores it,
-    and the next batch after a resume is the one the uninterrupted run would have drawn. This
-    is the contract of torchdata's ``StatefulDataLoader`` without its per-sample overhead.
-    Windows never cross the shard's end, so workers never see each other's tokens.
-    """
-
-    def __init__(self, corpus: Corpus, rank: int, world_size: int, batch_size: int, seed: int = 0):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.corpus = corpus
-        self.rank, self.world_size = rank, world_size
-        self.lo, self.hi = corpus.shard(rank, world_size)
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.step = 0
-        self._offsets = np.arange(corpus.seq_len + 1)
-
-    def __iter__(self) -> BatchStream:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.world_size, self.step])
-        starts = rng.integers(self.lo, self.hi - self.corpus.seq_len, size=self.batch_size)
-        self.step += 1
-        w = torch.from_numpy(self.corpus.train_tokens[starts[:, None] + self._offsets].astype(np.int64))
-        return w[:, :-1], w[:, 1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for k in ("seed", "rank", "world_size", "batch_size"):
-            if k in sd and sd[k] != getattr(self, k):
-                raise ValueError(f"loader state was saved with {k}={sd[k]!r}, this stream has "
-                                 f"{getattr(self, k)!r}; build the stream with the same settings")
-        step = sd.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"loader state has an invalid step {step!r}")
-        self.step = step

@@ -1,13 +1,18 @@
-"""Outer optimizers: one algorithm per module, shared machinery in :mod:`.base`."""
+"""Outer optimizers: one algorithm per module, shared machinery in :mod:`.base`.
+
+Importing this package registers every built-in strategy (each module registers its typed
+config class with :mod:`.registry`).
+"""
 
 from .base import OuterOptimizer, SyncUnit, default_outer_optimizer
-from .ddp import DDP
-from .demo import DeMo
-from .diloco import DiLoCo
-from .noloco import NoLoCo, noloco_groups
-from .registry import Strategy, available, default_strategies, get_strategy, register_strategy
-from .streaming import StreamingDiLoCo
+from .ddp import DDP, DDPConfig
+from .demo import DeMo, DeMoConfig
+from .diloco import DiLoCo, DiLoCoConfig, FedAvgConfig
+from .noloco import NoLoCo, NoLoCoConfig, noloco_groups
+from .registry import Strategy, StrategyConfig, available, default_strategies, get_strategy, register_strategy
+from .streaming import StreamingDiLoCo, StreamingDiLoCoConfig
 
-__all__ = ["DDP", "DeMo", "DiLoCo", "NoLoCo", "OuterOptimizer", "Strategy", "StreamingDiLoCo", "SyncUnit",
-           "available", "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups",
+__all__ = ["DDP", "DDPConfig", "DeMo", "DeMoConfig", "DiLoCo", "DiLoCoConfig", "FedAvgConfig", "NoLoCo",
+           "NoLoCoConfig", "OuterOptimizer", "Strategy", "StrategyConfig", "StreamingDiLoCo", "StreamingDiLoCoConfig",
+           "SyncUnit", "available", "default_outer_optimizer", "default_strategies", "get_strategy", "noloco_groups",
            "register_strategy"]

@@ -22,10 +22,10 @@ A new strategy subclasses :class:`OuterOptimizer` and implements :meth:`after_in
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -118,13 +118,17 @@ class SyncUnit:
 
 @dataclass
 class PendingSync:
-    """A launched, not yet finished sync."""
+    """A launched, not yet finished sync (``unit`` None for a strategy without global copies, e.g. DeMo)."""
 
-    unit: SyncUnit
+    unit: SyncUnit | None
     handle: Handle
     buffers: list[torch.Tensor]
     launch_step: int
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The synced unit's name in ``sync_log`` ("all" for the whole model)."""
+        return "all" if self.unit is None else self.unit.name
 
 
 @dataclass
@@ -147,7 +151,19 @@ class OuterOptimizer(torch.optim.Optimizer):
         transport: a lowcomm transport (``lowcomm.connect()``, a local transport, ...).
         strict: raise on a failed sync instead of rolling back and going on.
         timeout: seconds a sync may wait (default: the transport's own deadline).
+
+    Capabilities a training loop may rely on (declared here, overridden by the strategies that
+    have them; loops never probe for attributes):
+
+    - :attr:`shares_global_state`: every member holds bit-identical global parameters, outer
+      state and counters after each committed sync (DiLoCo, Streaming DiLoCo), so a joining
+      member can check a donor's snapshot against the others'.
+    - :meth:`flush`: land a sync still in flight (call it after the last step).
+    - :attr:`compute_guard`: a context-manager factory around the strategy's own compute outside
+      the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
     """
+
+    shares_global_state: bool = False
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
                  timeout: float | None = None):
@@ -173,24 +189,20 @@ class OuterOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears twice in the inner optimizer's param_groups")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        # torch's own initialisation (hook registries, step patching, ...). The param_groups, state
+        # and defaults it assigns are properties forwarding to the inner optimizer (so schedulers and
+        # hooks act on the inner groups, even after inner.load_state_dict); until ``self.inner`` is
+        # set those assignments are dropped, and the inner optimizer keeps its own.
+        super().__init__(inner.param_groups, inner.defaults)
         self.inner = inner
         self.strict = bool(strict)
         self.timeout = timeout
-        # param_groups / state / defaults are properties that forward to the inner optimizer,
-        # so schedulers and hooks act on the inner groups even after inner.load_state_dict.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
         self.local_step = 0  # inner steps taken
         self.sync_count = 0  # syncs committed
         self.failed_syncs = 0  # syncs rolled back
         self.sync_log: list[SyncRecord] = []
         self.units: list[SyncUnit] = []
+        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
 
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -200,7 +212,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
+        if "inner" in self.__dict__:  # not while torch's __init__ runs (see __init__)
+            self.inner.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
@@ -209,7 +222,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.inner.state = value
+        if "inner" in self.__dict__:
+            self.inner.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
@@ -217,7 +231,8 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
+        if "inner" in self.__dict__:
+            self.inner.defaults = value
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -235,6 +250,8 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "inner" not in self.__dict__:  # torch's __init__ adding the inner optimizer's own groups
+            return
         raise ValueError("add parameter groups to the inner optimizer before wrapping it in a lowcomm optimizer")
 
     def __repr__(self) -> str:
@@ -244,6 +261,11 @@ class OuterOptimizer(torch.optim.Optimizer):
     def after_inner_step(self) -> None:
         """Called after every inner step (``self.local_step`` already counts it)."""
         raise NotImplementedError
+
+    def flush(self) -> bool | None:
+        """Land a sync still in flight, if any (None when nothing was in flight, else whether it
+        committed). Strategies whose syncs finish inside :meth:`step` have nothing to land."""
+        return None
 
     def extra_state_dict(self) -> dict[str, Any]:
         """Strategy-specific state (tensors and plain values) to save beside the common state."""
@@ -286,11 +308,9 @@ class OuterOptimizer(torch.optim.Optimizer):
             return False
         apply(pending)
         self.sync_count += 1
-        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], True))
-        notify = getattr(self.transport, "on_sync_applied", None)
-        if notify is not None:  # lets a transport snapshot committed state (joining peers)
-            notify(self)
+        self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
 
     def handle_failure(self, pending: PendingSync, err: CommError,
@@ -298,11 +318,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
         (rollback or (lambda p: p.unit.reset_locals()))(pending)
         self.failed_syncs += 1
-        self.sync_log.append(SyncRecord(pending.unit.name, pending.launch_step, self.local_step,
+        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
                                         [] if pending.handle.op_id is None else [pending.handle.op_id], False,
                                         str(err)))
         log.warning("sync of %s launched at step %d failed and was rolled back: %s",
-                    pending.unit.name, pending.launch_step, err)
+                    pending.name, pending.launch_step, err)
         try:
             self.transport.refresh()
         except CommError as e2:  # membership could not be refreshed now; the next sync will tell
@@ -312,16 +332,38 @@ class OuterOptimizer(torch.optim.Optimizer):
 
     # ---- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Inner state, global parameters, outer state and counters (tensors are references, as in torch)."""
-        return {
+        """Inner state, global parameters, outer state and counters (tensors are references, as in torch).
+
+        Hooks registered with ``register_state_dict_pre_hook``/``_post_hook`` run as in torch: the
+        pre-hooks before, the post-hooks after, each post-hook may return a replacement dict.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = {
             "inner": self.inner.state_dict(),
             "units": [u.state_dict() for u in self.units],
             "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result; load-state-dict pre/post hooks run as in torch."""
+        state_dict = dict(state_dict)  # shallow copy, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"inner", "units", "counters"} - set(state_dict)
         if missing:
             raise ValueError(f"not a lowcomm optimizer state_dict (missing {sorted(missing)}); "

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..codecs import wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, SyncRecord
-from .registry import register_strategy
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["DDP"]
+__all__ = ["DDP", "DDPConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,7 @@ class DDP(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
                  strict: bool = False, timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-        self.codec = codec
+        self.codec = wire_codec(codec)
         self.broadcast_initial()
 
     @torch.no_grad()
@@ -90,12 +88,15 @@ class DDP(OuterOptimizer):
         self.local_step = step
         return loss
 
-    def after_inner_step(self) -> None:  # step() is overridden; nothing happens after the inner step
-        pass
+
+@dataclass
+class DDPConfig(StrategyConfig):
+    """The data-parallel baseline's knobs."""
+
+    codec: str | None = None  # wire codec of the gradient all-reduce; None: fp32
+
+    def build(self, inner, transport, model=None) -> DDP:
+        return DDP(inner, transport=transport, codec=self.codec)
 
 
-def _build(inner, transport, model=None, *, codec: Any = None) -> DDP:
-    return DDP(inner, transport=transport, codec=codec)
-
-
-register_strategy("ddp", _build, {}, "data parallel: all-reduce (mean) of gradients every step")
+register_strategy("ddp", DDPConfig, "data parallel: all-reduce (mean) of gradients every step")

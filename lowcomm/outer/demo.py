@@ -65,20 +65,19 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport
 from ..dct import ChunkedDCT, chunk_size
 from .base import OuterOptimizer, PendingSync, SyncRecord, check_float, check_int
-from .registry import register_strategy
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["DeMo", "index_dtype"]
+__all__ = ["DeMo", "DeMoConfig", "index_dtype"]
 
 _VALUES = ("bf16", "fp32", "param", "sign")
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -96,12 +95,6 @@ def index_dtype(chunk_numel: int) -> torch.dtype:
 
 
 _IDX_ORDER = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
-
-
-class _Unit:
-    """Names DeMo's per-step exchange in ``sync_log`` (DeMo keeps no global copy of the model)."""
-
-    name = "all"
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -158,7 +151,6 @@ class DeMo(OuterOptimizer):
             self._val_dtype = params[0].dtype
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
-        self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
         self.broadcast_initial()
         self._build(params)
@@ -267,15 +259,12 @@ class DeMo(OuterOptimizer):
 
     def payload_bytes(self) -> int:
         """Bytes of one worker's payload (what it sends to each peer every step)."""
-        idx = sum(n * torch.empty((), dtype=dt).element_size() for dt, n in self._idx_groups)
+        idx = sum(n * dt.itemsize for dt, n in self._idx_groups)
         if self.values == "sign":
             return idx + -(-self._nvalues // 8) + 2 * self._nchunks
-        return idx + self._nvalues * torch.empty((), dtype=self._val_dtype).element_size()
+        return idx + self._nvalues * self._val_dtype.itemsize
 
     # ---- the step ----------------------------------------------------------------------------------
-    def after_inner_step(self) -> None:  # DeMo overrides step(); the inner step runs inside it
-        pass
-
     def step(self, closure: Any = None) -> Any:
         """Momentum, compress, all-gather, decode, then the inner step (skipped if the exchange fails)."""
         loss = None
@@ -373,7 +362,7 @@ class DeMo(OuterOptimizer):
                 handle = gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
-        pending = PendingSync(_Unit(), handle, [], self.local_step)  # type: ignore[arg-type]
+        pending = PendingSync(None, handle, [], self.local_step)  # DeMo keeps no global copy: no unit
 
         # Error feedback: delta_new -= what was sent. In DCT space that is a sparse subtraction at
         # distinct positions (the paper subtracts IDCT(sent) in parameter space; the DCT is linear
@@ -451,16 +440,24 @@ class DeMo(OuterOptimizer):
                 f"chunk={self.chunk}, values={self.values!r}, payload={self.payload_bytes()} B)")
 
 
-def _build(inner, transport, model=None, *, topk: int = 32, chunk: int = 64, decay: float = 0.999,
-           sign: bool = True, weight_decay: float = 0.0, values: str = "bf16") -> DeMo:
-    return DeMo(inner, transport=transport, topk=topk, chunk=chunk, decay=decay, sign=sign,
-                weight_decay=weight_decay, values=values)
+@dataclass
+class DeMoConfig(StrategyConfig):
+    """DeMo's knobs (defaults: the paper's, arXiv 2411.19870); it wraps plain SGD, as the paper does."""
+
+    inner: ClassVar[str | None] = "sgd"
+
+    topk: int = 32  # DCT coefficients kept per chunk
+    chunk: int = 64  # target chunk edge
+    decay: float = 0.999  # momentum decay beta
+    sign: bool = True  # step with the sign of the decoded aggregate
+    weight_decay: float = 0.0  # DeMo's decoupled weight decay (0 with an inner AdamW that decays)
+    values: str = "bf16"  # wire type of the kept coefficients: bf16 | fp32 | param | sign
+
+    def build(self, inner, transport, model=None) -> DeMo:
+        return DeMo(inner, transport=transport, topk=self.topk, chunk=self.chunk, decay=self.decay, sign=self.sign,
+                    weight_decay=self.weight_decay, values=self.values)
 
 
-# Simulator defaults: lr 3e-3 was the best of {2e-3, 3e-3, 5e-3} for sign descent on the simulator's
-# 300-step GPT run, and decay 0.99 beat the paper's 0.999 there (a 0.999 momentum outlives such a short
-# run); see benchmarks/README.md. The class keeps the paper's defaults.
-register_strategy("demo", _build, {"inner": "sgd", "lr": 3e-3, "topk": 32, "chunk": 64, "decay": 0.99,
-                                   "sign": True, "weight_decay": 0.0, "values": "bf16"},
+register_strategy("demo", DeMoConfig,
                   "DeMo: every step, all-gather the top-k DCT coefficients of each chunk of the momentum; "
                   "sign-SGD on their mean")

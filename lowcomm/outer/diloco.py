@@ -15,15 +15,17 @@ in the local parameters, which the sync overwrites anyway, so it needs no buffer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..codecs import wire_codec
 from ..comm.base import Transport
-from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_int
-from .registry import register_strategy
+from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["DiLoCo", "sgd_outer"]
+__all__ = ["DiLoCo", "DiLoCoConfig", "FedAvgConfig", "sgd_outer"]
 
 
 class DiLoCo(OuterOptimizer):
@@ -33,25 +35,28 @@ class DiLoCo(OuterOptimizer):
         inner: the inner optimizer (AdamW in the paper).
         transport: where the pseudo-gradients are averaged (``lowcomm.connect()``).
         sync_every: H, inner steps between syncs (paper: 500).
-        outer_optimizer: factory ``params -> torch.optim.Optimizer`` for the global parameters
-            (default SGD lr 0.7, momentum 0.9, Nesterov).
+        outer_lr: learning rate of the outer SGD on the global parameters (paper: 0.7).
+        outer_momentum: its momentum (paper: 0.9; 0 with ``outer_lr=1`` is FedAvg).
+        nesterov: Nesterov momentum for the outer SGD (paper: True).
+        outer_optimizer: a factory ``params -> torch.optim.Optimizer`` for the global parameters,
+            used instead of the SGD that ``outer_lr``/``outer_momentum``/``nesterov`` describe.
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
+    shares_global_state = True
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
+                 outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
                  timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
-        if codec is not None:
-            from ..codecs import get_codec
-
-            codec = get_codec(codec)
-        self.codec = codec
+        self.codec = wire_codec(codec)
+        factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
         self.broadcast_initial()
-        self.units = [SyncUnit(self.params, outer_optimizer)]
+        self.units = [SyncUnit(self.params, factory)]
 
     def after_inner_step(self) -> None:
         if self.local_step % self.sync_every == 0:
@@ -76,6 +81,7 @@ class DiLoCo(OuterOptimizer):
 
 def sgd_outer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> OuterFactory:
     """Factory for an SGD outer optimizer (``momentum=0`` and ``lr=1`` is FedAvg)."""
+    lr, momentum = check_float("outer_lr", lr), check_float("outer_momentum", momentum)
     if lr <= 0:
         raise ValueError(f"outer lr must be > 0, got {lr}")
     if not 0 <= momentum < 1:
@@ -83,18 +89,33 @@ def sgd_outer(lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> 
     return lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, nesterov=bool(nesterov and momentum > 0))
 
 
-def _build(inner, transport, model=None, *, sync_every: int = 50, outer_lr: float = 0.7,
-           outer_momentum: float = 0.9, nesterov: bool = True, codec: Any = None) -> DiLoCo:
-    return DiLoCo(inner, transport=transport, sync_every=sync_every,
-                  outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), codec=codec)
+@dataclass
+class DiLoCoConfig(StrategyConfig):
+    """DiLoCo's knobs (defaults: the paper's, arXiv 2311.08105)."""
+
+    sync_every: int = 500  # H, inner steps between syncs
+    outer_lr: float = 0.7  # outer SGD learning rate
+    outer_momentum: float = 0.9  # outer SGD momentum
+    nesterov: bool = True  # Nesterov outer momentum
+    codec: str | None = None  # wire codec of the all-reduce (lowcomm.codecs spec); None: fp32
+
+    def build(self, inner, transport, model=None) -> DiLoCo:
+        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
+                      outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec)
 
 
-def _build_fedavg(inner, transport, model=None, *, sync_every: int = 50, codec: Any = None) -> DiLoCo:
-    return DiLoCo(inner, transport=transport, sync_every=sync_every,
-                  outer_optimizer=sgd_outer(1.0, 0.0, False), codec=codec)
+@dataclass
+class FedAvgConfig(StrategyConfig):
+    """FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)."""
+
+    sync_every: int = 500  # H, inner steps between syncs
+    codec: str | None = None  # wire codec of the all-reduce; None: fp32
+
+    def build(self, inner, transport, model=None) -> DiLoCo:
+        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=1.0, outer_momentum=0.0,
+                      nesterov=False, codec=self.codec)
 
 
-register_strategy("diloco", _build, {"sync_every": 50, "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True},
-                  "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
-register_strategy("fedavg", _build_fedavg, {"sync_every": 50},
-                  "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)", default_run=False)
+register_strategy("diloco", DiLoCoConfig, "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
+register_strategy("fedavg", FedAvgConfig, "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)",
+                  default_run=False)

@@ -61,15 +61,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
-from .registry import register_strategy
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["NoLoCo", "noloco_groups"]
+__all__ = ["NoLoCo", "NoLoCoConfig", "noloco_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def noloco_groups(members: Sequence[int], group_size: int, seed: int, sync_round
     if not ids:
         raise ValueError("noloco_groups needs at least one member")
     g = torch.Generator().manual_seed(_round_seed(seed, sync_round))
-    perm = [ids[i] for i in torch.randperm(len(ids), generator=g).tolist()]
+    perm = [ids[i] for i in torch.randperm(len(ids), generator=g, device="cpu").tolist()]
     k = max(1, len(perm) // group_size)
     groups = [perm[j * group_size:(j + 1) * group_size] for j in range(k)]
     groups[-1].extend(perm[k * group_size:])  # remainder joins the last group
@@ -109,7 +112,8 @@ class NoLoCo(OuterOptimizer):
         sync_every: H, inner steps between group exchanges (reference code: 50).
         group_size: n, workers per group (default 2: pairwise averaging).
         outer_lr: eta (the paper's beta), weight of the pseudo-gradient term (default 0.7).
-        momentum: mu (the paper's alpha), outer heavy-ball momentum (default 0.5).
+        outer_momentum: mu (the paper's alpha), outer heavy-ball momentum (default 0.5); the
+            older spelling ``momentum=`` still works for one release, with a DeprecationWarning.
         consensus_lr: gamma, weight of the consensus term; None means ``outer_lr`` (the
             reference's choice, only theta travels); any other value sends theta and phi.
         nesterov: use Nesterov momentum in the stock SGD instead of heavy-ball.
@@ -120,21 +124,25 @@ class NoLoCo(OuterOptimizer):
     """
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 50,
-                 group_size: int = 2, outer_lr: float = 0.7, momentum: float = 0.5,
+                 group_size: int = 2, outer_lr: float = 0.7, outer_momentum: float = 0.5,
                  consensus_lr: float | None = None, nesterov: bool = False, seed: int = 0,
-                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None):
+                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None,
+                 momentum: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+        if momentum is not None:
+            warnings.warn("NoLoCo(momentum=...) is deprecated; use outer_momentum=", DeprecationWarning, stacklevel=2)
+            outer_momentum = momentum
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.group_size = check_int("group_size", group_size, 1, "2 averages pairs, as in the paper")
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0 (the paper and reference use 0.7), got {outer_lr!r}")
-        self.momentum = check_float("momentum", momentum, 0.0)
-        if self.momentum >= 1:
-            raise ValueError(f"momentum must be in [0, 1) (reference: 0.5), got {momentum!r}")
+        self.outer_momentum = check_float("outer_momentum", outer_momentum, 0.0)
+        if self.outer_momentum >= 1:
+            raise ValueError(f"outer_momentum must be in [0, 1) (reference: 0.5), got {outer_momentum!r}")
         self.consensus_lr = None if consensus_lr is None else check_float("consensus_lr", consensus_lr, 0.0)
-        if nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
+        if nesterov and self.outer_momentum == 0:
+            raise ValueError("nesterov=True needs outer_momentum > 0")
         self.nesterov = bool(nesterov)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer shared by every worker, got {seed!r}")
@@ -142,7 +150,7 @@ class NoLoCo(OuterOptimizer):
         self.last_group: list[int] = []
         if broadcast_initial:
             self.broadcast_initial()
-        lr, mu, nest = self.outer_lr, self.momentum, self.nesterov
+        lr, mu, nest = self.outer_lr, self.outer_momentum, self.nesterov
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
                                                                         nesterov=nest))]
 
@@ -198,7 +206,7 @@ class NoLoCo(OuterOptimizer):
             handle = self.transport.group_reduce(group, buffers, op="mean")
         except CommError as e:  # could not even start (e.g. no longer a member): roll back the same way
             handle = Handle.failed(e)
-        pending = PendingSync(unit, handle, buffers, self.local_step, {"group": group})
+        pending = PendingSync(unit, handle, buffers, self.local_step)
         return self.finish(pending, self._apply)
 
     def _apply(self, pending: PendingSync) -> None:
@@ -233,13 +241,26 @@ class NoLoCo(OuterOptimizer):
                                  f"group draws agree with the other workers")
 
 
-def _build(inner, transport, model=None, *, sync_every: int = 50, group_size: int = 2, outer_lr: float = 0.7,
-           momentum: float = 0.5, consensus_lr: float | None = None, nesterov: bool = False,
-           seed: int = 0) -> NoLoCo:
-    return NoLoCo(inner, transport=transport, sync_every=sync_every, group_size=group_size, outer_lr=outer_lr,
-                  momentum=momentum, consensus_lr=consensus_lr, nesterov=nesterov, seed=seed)
+@dataclass
+class NoLoCoConfig(StrategyConfig):
+    """NoLoCo's knobs (defaults: the authors' reference code, arXiv 2506.10911)."""
+
+    deprecated: ClassVar[dict[str, str]] = {"momentum": "outer_momentum"}
+
+    sync_every: int = 50  # H, inner steps between group exchanges
+    group_size: int = 2  # n, workers per group (2: pairwise averaging)
+    outer_lr: float = 0.7  # eta, weight of the pseudo-gradient term
+    outer_momentum: float = 0.5  # mu, outer heavy-ball momentum
+    consensus_lr: float | None = None  # gamma; None: outer_lr (only theta travels)
+    nesterov: bool = False  # Nesterov instead of heavy-ball outer momentum
+    seed: int = 0  # shared seed of the group draws (equal on every worker)
+
+    def build(self, inner, transport, model=None) -> NoLoCo:
+        return NoLoCo(inner, transport=transport, sync_every=self.sync_every, group_size=self.group_size,
+                      outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, consensus_lr=self.consensus_lr,
+                      nesterov=self.nesterov, seed=self.seed)
 
 
-register_strategy("noloco", _build, {"sync_every": 50, "group_size": 2, "outer_lr": 0.7, "momentum": 0.5},
+register_strategy("noloco", NoLoCoConfig,
                   "NoLoCo: no all-reduce; each sync averages weights in random groups of n (pairs), "
                   "heavy-ball outer step")

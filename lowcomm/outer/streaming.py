@@ -39,17 +39,18 @@ averaged pseudo-gradient, which is applied at its scheduled step after a resume.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..codecs import ErrorFeedback, get_codec
+from ..codecs import ErrorFeedback, wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .diloco import sgd_outer
-from .registry import register_strategy
+from .registry import StrategyConfig, register_strategy
 
-__all__ = ["StreamingDiLoCo"]
+__all__ = ["StreamingDiLoCo", "StreamingDiLoCoConfig"]
 
 
 def _failed_handle(message: str) -> Handle:
@@ -68,17 +69,21 @@ class StreamingDiLoCo(OuterOptimizer):
         overlap: tau, inner steps a fragment's sync stays in flight (0 = applied at once).
         alpha: mixing weight of the local weights when a sync lands (0 = take the global ones).
         codec: wire codec for the pseudo-gradients (name, spec, Codec or None for fp32).
-        outer_optimizer: factory ``params -> torch.optim.Optimizer``, one per fragment
-            (default SGD lr 0.7, momentum 0.9, Nesterov).
+        outer_lr, outer_momentum, nesterov: each fragment's outer SGD (as DiLoCo's: 0.7, 0.9, True).
+        outer_optimizer: a factory ``params -> torch.optim.Optimizer``, one per fragment, used
+            instead of that SGD.
         error_feedback: carry each fragment's quantization error into its next sync.
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
+    shares_global_state = True
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, model: torch.nn.Module | None = None,
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
-                 codec: Any = "e3m0", outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
+                 codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
+                 outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
                  fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         from ..fragments import split_fragments
@@ -96,21 +101,24 @@ class StreamingDiLoCo(OuterOptimizer):
                              f"is in flight at a time; lower overlap or raise sync_every")
         self.alpha = check_float("alpha", alpha, 0.0, 1.0)
         self.sync_every, self.num_fragments, self.overlap = H, F, tau
-        self.codec = None if codec is None else get_codec(codec)
-        if self.codec is not None and self.codec.name == "identity":
-            self.codec = None
+        self.codec = wire_codec(codec)
         self.broadcast_initial()
-        self.units = [SyncUnit(g, outer_optimizer, name=f"fragment{i}") for i, g in enumerate(groups)]
+        factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
+        self.units = [SyncUnit(g, factory, name=f"fragment{i}") for i, g in enumerate(groups)]
         sizes = [sum(p.numel() for p in g) for g in groups]
         self.fragment_sizes = sizes
-        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused.
-        self._buf = torch.zeros(max(sizes))
+        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, on
+        # the parameters' device (fragments span one device: split_fragments groups the model's blocks).
+        dev = self.params[0].device
+        if any(q.device != dev for q in self.params):
+            raise ValueError("StreamingDiLoCo needs every parameter on one device (its in-flight buffer is shared)")
+        self._buf = torch.zeros(max(sizes), device=dev)
         self._ef: list[ErrorFeedback] | None = None
         if error_feedback:
             if self.codec is None:
                 raise ValueError("error_feedback needs a lossy codec (e.g. codec='e3m0'); with fp32 there is no error")
-            self._ef = [ErrorFeedback(self.codec, n) for n in sizes]
-            self._ef_pending = torch.zeros(max(sizes))
+            self._ef = [ErrorFeedback(self.codec, n, device=dev) for n in sizes]
+            self._ef_pending = torch.zeros(max(sizes), device=dev)
         self._pending: PendingSync | None = None
         self._pending_fragment = -1
 
@@ -190,11 +198,13 @@ class StreamingDiLoCo(OuterOptimizer):
             torch._foreach_mul_(unit.params, self.alpha)
             torch._foreach_add_(unit.params, unit.anchors, alpha=1.0 - self.alpha)
         if self._ef is not None:
-            self._ef[p].error.copy_(self._ef_pending[:self.fragment_sizes[p]])
+            self._ef[p].commit()  # the error of what was sent becomes the carried error
 
     def _rollback(self, pending: PendingSync, p: int) -> None:
         # This fragment alone: its locals return to its global weights; outer and error state stay.
         pending.unit.reset_locals()
+        if self._ef is not None:
+            self._ef[p].discard()
 
     # ---- state ------------------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:
@@ -237,20 +247,33 @@ class StreamingDiLoCo(OuterOptimizer):
             self._buf[:n].copy_(pend["reduced"])
             if self._ef is not None:
                 self._ef_pending[:n].copy_(pend["ef_pending"])
+                self._ef[p].set_pending(self._ef_pending[:n])
             handle = _failed_handle(pend["failed"]) if pend["failed"] else Handle.completed(None)
             self._pending = PendingSync(self.units[p], handle, [self._buf[:n]], int(pend["launch_step"]))
             self._pending_fragment = p
 
 
-def _build(inner, transport, model=None, *, sync_every: int = 50, fragments: int = 2, overlap: int = 1,
-           alpha: float = 0.5, codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9,
-           nesterov: bool = True, error_feedback: bool = False, fragment_mode: str = "strided") -> StreamingDiLoCo:
-    return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=sync_every, fragments=fragments,
-                           overlap=overlap, alpha=alpha, codec=codec, error_feedback=error_feedback,
-                           outer_optimizer=sgd_outer(outer_lr, outer_momentum, nesterov), fragment_mode=fragment_mode)
+@dataclass
+class StreamingDiLoCoConfig(StrategyConfig):
+    """Streaming DiLoCo's knobs (defaults: the class's, from arXiv 2501.18512)."""
+
+    sync_every: int = 100  # H, inner steps between two syncs of the same fragment (a multiple of fragments)
+    fragments: int = 2  # F, fragments of whole blocks, synced in turn
+    overlap: int = 1  # tau, inner steps a fragment's sync stays in flight (< H/F)
+    alpha: float = 0.5  # weight of the local weights when a sync lands (0: take the global ones)
+    codec: str | None = "e3m0"  # wire codec of the pseudo-gradients (4-bit E3M0 in the paper); None: fp32
+    outer_lr: float = 0.7  # each fragment's outer SGD learning rate
+    outer_momentum: float = 0.9  # its momentum
+    nesterov: bool = True  # Nesterov outer momentum
+    error_feedback: bool = False  # carry each fragment's quantization error into its next sync
+    fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
+
+    def build(self, inner, transport, model=None) -> StreamingDiLoCo:
+        return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
+                               fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
+                               outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
+                               error_feedback=self.error_feedback, fragment_mode=self.fragment_mode)
 
 
-register_strategy("streaming", _build,
-                  {"sync_every": 50, "fragments": 2, "overlap": 1, "alpha": 0.5, "codec": "e3m0",
-                   "outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True, "error_feedback": False},
+register_strategy("streaming", StreamingDiLoCoConfig,
                   "Streaming DiLoCo: one fragment at a time, overlapped by tau steps, 4-bit E3M0 pseudo-gradients")

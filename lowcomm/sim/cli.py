@@ -10,14 +10,16 @@ calibration model and longer runs.
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import os
 import sys
 import time
 from typing import Any
 
+from ..loop import INNER_KEYS
 from ..models import GPTConfig
+from ..outer.registry import get_strategy
+from ..progress import Progress
 from .runner import DEFAULT_BANDWIDTHS, Projection, RunResult, SimConfig, build_knobs, run_strategy
 
 __all__ = ["DEFAULT_MODEL", "add_arguments", "main", "parse_knobs", "run"]
@@ -53,13 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=_positive_int, default=DEFAULT_MODEL.n_head, help="attention heads (default 4)")
     p.add_argument("--context", type=_positive_int, default=DEFAULT_MODEL.seq_len, help="context length (default 64)")
     p.add_argument("--lr", type=float, default=None, help="peak inner learning rate (default: strategy's, else 1e-3)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps/15)")
+    p.add_argument("--warmup-steps", "--warmup", dest="warmup_steps", type=int, default=None,
+                   help="linear warmup steps (default: steps/15; --warmup is the older spelling)")
     p.add_argument("--eval-every", type=_positive_int, default=25, help="steps between held-out evaluations")
     p.add_argument("--sync-every", type=_positive_int, default=None,
                    help="H, inner steps between syncs, for every strategy that takes sync_every")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a strategy knob, passed to every selected strategy that takes it (repeatable), "
-                        "e.g. --set outer_lr=0.5")
+                   help="a strategy knob, passed to every selected strategy that takes it (repeatable), parsed "
+                        "as the knob's type, e.g. --set outer_lr=0.5 --set nesterov=false")
     p.add_argument("--step-seconds", type=float, default=None,
                    help="configured compute seconds per inner step for the clock (default: measured)")
     p.add_argument("--latency", type=float, default=0.01, help="seconds per communication round (default 0.01)")
@@ -77,15 +80,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _value(s: str) -> Any:
-    try:
-        return ast.literal_eval(s)
-    except (ValueError, SyntaxError):
-        return s
-
-
-def parse_knobs(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "b=x"] -> {"a": 1, "b": "x"}`` (values parsed as Python literals when they are)."""
+def parse_knobs(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"] -> {"a": "1", "b": "x"}``: each strategy parses the values against its knobs' types."""
     out = {}
     for it in items:
         if "=" not in it:
@@ -94,7 +90,7 @@ def parse_knobs(items: list[str]) -> dict[str, Any]:
         k = k.strip().replace("-", "_")
         if not k:
             raise ValueError(f"--set takes KEY=VALUE, got {it!r}")
-        out[k] = _value(v.strip())
+        out[k] = v.strip()
     return out
 
 
@@ -105,7 +101,10 @@ def _projection(spec: str | None) -> Projection | None:
     for k, v in parse_knobs([x for x in spec.split(",") if x.strip()]).items():
         if k not in ("params", "flops", "mfu", "tokens_per_step"):
             raise ValueError(f"unknown projection setting {k!r}; use params, flops, mfu, tokens_per_step")
-        kw[k] = int(v) if k == "tokens_per_step" else float(v)
+        try:
+            kw[k] = int(float(v)) if k == "tokens_per_step" else float(v)
+        except ValueError:
+            raise ValueError(f"projection {k} takes a number, got {v!r}") from None
     return Projection(**kw)
 
 
@@ -113,7 +112,6 @@ def _select(spec: str | None) -> list[str]:
     from .. import outer  # noqa: F401 - registers the built-in strategies
     from ..outer.registry import available, default_strategies, get_strategy
 
-    _load_plugins()
     if spec is None:
         # The baselines first (stable sort), then the others in registration order.
         names = sorted(default_strategies(), key=lambda n: (n != "ddp", n != "diloco"))
@@ -124,18 +122,6 @@ def _select(spec: str | None) -> list[str]:
     for n in names:
         get_strategy(n)  # unknown names: ValueError listing what exists
     return names
-
-
-def _load_plugins() -> None:
-    """Import lowcomm's strategy modules, so each registers itself (the simulator knows none by name)."""
-    import importlib
-    import pkgutil
-
-    from .. import outer
-
-    for m in pkgutil.iter_modules(outer.__path__):
-        if m.name not in ("base", "registry"):
-            importlib.import_module(f"{outer.__name__}.{m.name}")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -149,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     model = GPTConfig(n_layer=args.layers, n_embd=args.width, n_head=args.heads, seq_len=args.context)
     return SimConfig(workers=args.workers, steps=args.steps, batch_size=args.batch_size, model=model,
                      lr=args.lr if args.lr is not None else 1e-3,
-                     warmup=args.warmup if args.warmup is not None else max(1, args.steps // 15),
+                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 15),
                      seed=args.seed, data=args.data, vocab_size=args.vocab_size, eval_every=args.eval_every,
                      threads=args.threads, bandwidths=bws, latency=args.latency,
                      link_efficiency=args.link_efficiency, step_seconds=args.step_seconds,
@@ -157,18 +143,24 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
-        progress=None, lr_given: bool = False) -> list[RunResult]:
-    """Run every strategy in ``names`` on ``cfg`` and write the outputs into ``out``."""
+        progress: Progress | None = None, lr_given: bool = False) -> list[RunResult]:
+    """Run every strategy in ``names`` on ``cfg`` and write the outputs into ``out``.
+
+    ``progress``: a :class:`~lowcomm.progress.Progress` with bars ``"all"`` and ``"strategy"``
+    (ETA of the whole job and of the strategy running), and the evaluation lines.
+    """
+    from ..web import write_report
     from .report import plot as write_plot
-    from .report import write_results
+    from .report import report_data, write_results
 
     if knobs:
-        takers = {k: [n for n in names if k in build_knobs(n, {k: v})[1] or k in build_knobs(n, {k: v})[0]]
-                  for k, v in knobs.items()}
-        unused = [k for k, t in takers.items() if not t]
+        known = {k for n in names for k in get_strategy(n).knob_names()} | set(INNER_KEYS)
+        unused = [k for k in knobs if k not in known]
         if unused:
-            raise ValueError(f"no selected strategy takes {', '.join(unused)}; check the spelling "
-                             f"(strategies: {', '.join(names)})")
+            raise ValueError(f"no selected strategy takes {', '.join(unused)}; known knobs: "
+                             f"{', '.join(sorted(known))} (strategies: {', '.join(names)})")
+        for n in names:
+            build_knobs(n, knobs)  # every value parses against the knob's type, before any run starts
     writer = None
     if out:
         os.makedirs(out, exist_ok=True)
@@ -181,7 +173,10 @@ def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None
             over = dict(knobs)
             if lr_given:
                 over["lr"] = cfg.lr
-            runs.append(run_strategy(n, cfg, over, progress=progress, writer=writer))
+            if progress is not None:
+                progress.reset("strategy", cfg.steps, n)
+            runs.append(run_strategy(n, cfg, over, progress=None if progress is None else progress.write,
+                                     writer=writer, on_step=None if progress is None else lambda _s: progress.update()))
             if out:
                 write_results(os.path.join(out, "results.json"), runs, cfg)
     finally:
@@ -190,6 +185,8 @@ def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None
     if out and plot and runs:
         write_plot(os.path.join(out, "loss.png"), runs,
                    f"{cfg.workers} workers, {cfg.steps} steps each, {runs[0].params:,}-parameter GPT")
+    if out and runs:
+        write_report(os.path.join(out, "report.html"), report_data(runs, cfg))
     return runs
 
 
@@ -202,11 +199,16 @@ def main(args: argparse.Namespace) -> int:
     knobs = parse_knobs(args.set)
     if args.sync_every is not None:
         knobs["sync_every"] = args.sync_every
-    progress = None if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.monotonic()
     print(f"lowcomm sim: {', '.join(names)} | {cfg.workers} workers x {cfg.steps} steps, batch {cfg.batch_size} "
           f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'} | out: {args.out}", flush=True)
-    runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress, lr_given=args.lr is not None)
+    progress = None if args.quiet else Progress([("all", len(names) * cfg.steps), ("strategy", cfg.steps)])
+    try:
+        runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress,
+                   lr_given=args.lr is not None)
+    finally:
+        if progress is not None:
+            progress.close()
     print()
     print(table(runs, cfg))
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')} and TensorBoard "

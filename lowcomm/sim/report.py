@@ -13,7 +13,7 @@ from typing import Any
 
 from .runner import RunResult, SimConfig
 
-__all__ = ["format_bytes", "format_seconds", "plot", "table", "write_results"]
+__all__ = ["format_bytes", "format_seconds", "plot", "report_data", "table", "write_results"]
 
 
 def format_bytes(n: float) -> str:
@@ -38,28 +38,64 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
-    """The comparison table (one row per strategy), and the projection's if one was asked for."""
-    if not runs:
-        return "(no runs)"
-    bws = list(runs[0].sim_seconds)
-    util_bw = "100Mbit" if "100Mbit" in bws else bws[0]
-    header = ["strategy", "held-out loss", "worst worker", "tokens", "bytes/worker", "peak sync",
-              *[f"time@{b}" for b in bws], f"util@{util_bw}"]
+def _rows(runs: Sequence[RunResult], bws: Sequence[str], util_bw: str) -> list[list[str]]:
     rows = []
     for r in runs:
         worst = "" if math.isclose(r.worst_worker_eval_loss, r.final_eval_loss) else f"{r.worst_worker_eval_loss:.4f}"
         rows.append([r.strategy, f"{r.final_eval_loss:.4f}", worst, f"{r.tokens:,}", format_bytes(r.bytes_sent),
                      format_bytes(r.peak_bytes), *[format_seconds(r.sim_seconds[b]) for b in bws],
                      f"{100 * r.utilisation[util_bw]:.0f}%"])
-    out = [_grid(header, rows),
+    return rows
+
+
+def _header(bws: Sequence[str], util_bw: str) -> list[str]:
+    return ["strategy", "held-out loss", "worst worker", "tokens", "bytes/worker", "peak sync",
+            *[f"time@{b}" for b in bws], f"util@{util_bw}"]
+
+
+def report_data(runs: Sequence[RunResult], cfg: SimConfig) -> dict[str, Any]:
+    """The run page's data (:mod:`lowcomm.web`) for ``report.html``: the table and the loss curves."""
+    from ..web import page_data
+
+    bws = list(runs[0].sim_seconds) if runs else []
+    util_bw = "100Mbit" if "100Mbit" in bws else (bws[0] if bws else "")
+    curves = {r.strategy: [p for p in r.curve if p["step"] > 0] for r in runs}
+    return page_data(
+        "lowcomm sim", f"{cfg.workers} workers x {cfg.steps} steps"
+        + (f", {runs[0].params:,}-parameter GPT" if runs else ""),
+        summary=[("workers", cfg.workers), ("steps", cfg.steps), ("strategies", len(runs)),
+                 ("seed", cfg.seed)],
+        tables=[{"id": "runs", "title": "Strategies", "columns": _header(bws, util_bw),
+                 "rows": _rows(runs, bws, util_bw)}],
+        charts=[{"id": "loss-tokens", "title": "held-out loss against tokens", "x": "tokens (all workers)",
+                 "y": "nats/token", "log_x": False,
+                 "lines": {n: [[p["tokens"], p["eval_loss"]] for p in c] for n, c in curves.items()}},
+                {"id": "loss-bytes", "title": "held-out loss against bytes sent", "x": "bytes sent per worker",
+                 "y": "nats/token", "log_x": True,
+                 "lines": {n: [[max(p["bytes"], 1.0), p["eval_loss"]] for p in c] for n, c in curves.items()}}])
+
+
+def _environment_line() -> str:
+    from ..loop import environment
+
+    e = environment()
+    return f"(torch {e['torch']}, {e['threads']} thread(s), {e['cpu']}, Python {e['python']})"
+
+
+def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
+    """The comparison table (one row per strategy), and the projection's if one was asked for."""
+    if not runs:
+        return "(no runs)"
+    bws = list(runs[0].sim_seconds)
+    util_bw = "100Mbit" if "100Mbit" in bws else bws[0]
+    out = [_grid(_header(bws, util_bw), _rows(runs, bws, util_bw)),
            f"({runs[0].workers} workers x {runs[0].steps} steps, {runs[0].params:,}-parameter GPT; loss in nats per "
            f"token; time = simulated wall-clock with "
            + ("measured compute" if getattr(cfg, "step_seconds", None) is None
               else f"{cfg.step_seconds:g} s compute per step")
            + f" and {cfg.latency * 1e3:g} ms latency per round"
            + (f", links at {cfg.link_efficiency:.0%} of their rate" if cfg.link_efficiency != 1.0 else "")
-           + ")"]
+           + ")", _environment_line()]
     if any(r.projection for r in runs):
         pj = next(r.projection for r in runs if r.projection)
         header = ["strategy (PROJECTION)", "bytes/worker", "peak sync", *[f"time@{b}" for b in bws],
@@ -76,7 +112,10 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
 
 def write_results(path: str, runs: Sequence[RunResult], cfg: SimConfig, extra: dict[str, Any] | None = None) -> None:
     """``results.json``: the config and one entry per strategy under ``"runs"``."""
-    doc = {"config": cfg.to_dict(), "runs": [r.to_dict() for r in runs], **(extra or {})}
+    from ..loop import environment
+
+    doc = {"config": cfg.to_dict(), "environment": environment(), "runs": [r.to_dict() for r in runs],
+           **(extra or {})}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, default=str)

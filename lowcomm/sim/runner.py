@@ -21,11 +21,11 @@ schedule with a configured device speed and model size instead of the measured o
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,9 +34,11 @@ import torch
 
 from ..comm.local import run_local
 from ..data import Corpus, load_corpus
+from ..loop import INNER_KEYS, eval_batches, evaluate, lr_factor, resolve_strategy, worker_step
 from ..models import GPT, GPTConfig
 from ..outer.registry import get_strategy
 from .clock import CommEvent, Network, simulate_clock
+from .presets import preset
 
 __all__ = ["DEFAULT_BANDWIDTHS", "Projection", "RunResult", "SimConfig", "build_knobs", "run_strategy"]
 
@@ -44,9 +46,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BANDWIDTHS = (10e6, 100e6, 1e9, 10e9)
 """Bits per second at which every run's wall-clock is simulated: 10 Mbit/s ... 10 Gbit/s."""
-
-# Keys of a strategy's defaults that configure the inner optimizer, not the strategy's builder.
-_INNER_KEYS = ("inner", "lr")
 
 
 def bandwidth_label(bps: float) -> str:
@@ -93,10 +92,12 @@ class SimConfig:
     steps: int = 200  # inner steps per worker
     batch_size: int = 16  # sequences per worker per step
     model: GPTConfig = field(default_factory=GPTConfig)  # the GPT's shape (vocab set from the data)
-    lr: float = 1e-3  # peak inner learning rate (a strategy's defaults may set its own "lr")
-    warmup: int = 20  # linear warmup steps, then cosine decay to min_lr_ratio * lr
+    lr: float = 1e-3  # peak inner learning rate (a strategy or its preset may set its own "lr")
+    warmup_steps: int = 20  # linear warmup steps, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    grad_clip: float = 0.0  # clip each worker's gradient to this global norm (0: off)
     seed: int = 0  # model init and data order
     data: str | None = None  # corpus path (None: the stdlib's source)
     vocab_size: int | None = None  # for pre-tokenized uint16 data
@@ -114,14 +115,19 @@ class SimConfig:
     init_state: str | None = None  # safetensors file of model weights to start from (warm start)
     save_state: str | None = None  # write the final averaged model here (safetensors)
     timeout: float = 600.0  # seconds any collective or barrier may wait
+    warmup: int | None = None  # deprecated spelling of warmup_steps (kept one release)
 
     def __post_init__(self) -> None:
+        if self.warmup is not None:
+            warnings.warn("SimConfig(warmup=...) is deprecated; use warmup_steps=", DeprecationWarning, stacklevel=3)
+            self.warmup_steps, self.warmup = self.warmup, None
         for name in ("workers", "steps", "batch_size", "eval_every", "eval_sequences", "threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {w!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.step_seconds is not None and not self.step_seconds > 0:
@@ -165,65 +171,20 @@ class RunResult:
         return asdict(self)
 
 
-def _accepts(fn: Callable[..., Any]) -> tuple[set[str], bool]:
-    sig = inspect.signature(fn)
-    names = {p.name for p in sig.parameters.values()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    return names, var_kw
-
-
 def build_knobs(name: str, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a strategy's defaults + ``overrides`` into (inner settings, builder knobs).
+    """(inner-optimizer settings, the strategy's knobs) for strategy ``name`` in the simulator.
 
-    ``overrides`` are the CLI's knobs (``--sync-every``, ``--set k=v``); a knob goes to a
-    strategy only if its builder takes it (by name, or through ``**kwargs``), so one command
-    line can configure several strategies. ``"inner"`` and ``"lr"`` configure the inner
-    optimizer.
+    The simulator's preset (:mod:`lowcomm.sim.presets`) and then ``overrides`` (the CLI's
+    ``--sync-every``, ``--set k=v``) go over the strategy's defaults; a knob goes to a strategy
+    only if it has it, so one command line can configure several strategies. The first dict
+    holds "inner"/"lr" where the strategy, its preset or the overrides choose them.
     """
-    strat = get_strategy(name)
-    names, var_kw = _accepts(strat.build)
-    merged = dict(strat.defaults)
-    for k, v in (overrides or {}).items():
-        if k in _INNER_KEYS or k in strat.defaults or k in names or var_kw:
-            merged[k] = v
-    inner = {k: merged.pop(k) for k in _INNER_KEYS if k in merged}
-    for k in ("inner", "transport", "model"):
-        merged.pop(k, None)
-    return inner, merged
-
-
-def _lr_lambda(cfg: SimConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        span = max(1, cfg.steps - cfg.warmup)
-        progress = min(1.0, (step - cfg.warmup) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def make_inner(params: Sequence[torch.Tensor], kind: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The inner optimizer a strategy asks for: ``"adamw"`` (betas 0.9/0.95) or ``"sgd"``."""
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"inner optimizer must be 'adamw' or 'sgd', got {kind!r}")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean held-out cross-entropy (nats per token) over ``batches``."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        _, loss = model(x, y)
-        total += float(loss) * x.numel()
-        count += x.numel()
-    model.train(was)
-    return total / count
+    cls = get_strategy(name).config
+    setup = resolve_strategy(name, overrides, preset=preset(name), ignore_unknown=True)
+    merged = {**preset(name), **(overrides or {})}
+    inner = {k: v for k, v in (("inner", cls.inner), ("lr", cls.lr)) if v is not None}
+    inner.update({k: merged[k] for k in INNER_KEYS if k in merged})
+    return inner, setup.config.to_dict()
 
 
 class _Shared:
@@ -251,22 +212,28 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = None,
-                 progress: Callable[[str], None] | None = None, writer: Any = None) -> RunResult:
-    """Train with strategy ``name`` on ``cfg.workers`` simulated workers and simulate its wall-clock."""
-    inner_cfg, knobs = build_knobs(name, overrides)
-    strat = get_strategy(name)
+                 progress: Callable[[str], None] | None = None, writer: Any = None,
+                 on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train with strategy ``name`` on ``cfg.workers`` simulated workers and simulate its wall-clock.
+
+    ``progress`` gets a line at every evaluation; ``on_step(step)`` is called after every step of
+    worker 0 (the progress bar).
+
+    ``overrides``: knobs over the simulator's preset; as in :func:`build_knobs`, each goes to the
+    strategy only if it has it (``lowcomm sim`` checks that every knob is taken by one strategy).
+    """
+    setup = resolve_strategy(name, overrides, preset=preset(name), default_lr=cfg.lr, ignore_unknown=True)
+    knobs = setup.config.to_dict()
     data = load_corpus(cfg.data, cfg.vocab_size)
     mcfg = GPTConfig(**{**asdict(cfg.model), "vocab_size": data.vocab_size})
     corpus = Corpus(data, mcfg.seq_len)
-    eval_batches = corpus.eval_batches(cfg.batch_size, cfg.eval_sequences)
+    held_out = eval_batches(corpus, cfg.batch_size, cfg.eval_sequences)
     W = cfg.workers
     shared = _Shared(cfg, W)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     eval_model = GPT(mcfg)
     eval_params = list(eval_model.parameters())
-    inner_kind = inner_cfg.get("inner", "adamw")
-    lr = float(inner_cfg.get("lr", cfg.lr))
     tokens_per_step = W * cfg.batch_size * mcfg.seq_len
     t_start = time.monotonic()
 
@@ -289,7 +256,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                     s64 = stack.double()
                     sq += float((s64 - s64.mean(0)).pow(2).sum())
                     count += stack.numel()
-                loss = evaluate(eval_model, eval_batches)
+                loss = evaluate(eval_model, held_out)
                 # spread: RMS over workers and parameters of theta_i - mean_j theta_j (NoLoCo's
                 # reference code logs the same "weight std"); 0 where every worker agrees.
                 point = {"step": step, "tokens": step * tokens_per_step, "bytes": ledger_bytes(),
@@ -313,7 +280,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                         for ps in per_worker:
                             for p, q in zip(eval_params, ps):
                                 p.copy_(q)
-                            worst = max(worst, evaluate(eval_model, eval_batches))
+                            worst = max(worst, evaluate(eval_model, held_out))
                     shared.final["worst"] = worst
                     if cfg.save_state:
                         from safetensors.torch import save_model
@@ -332,9 +299,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             model = GPT(mcfg)
             if cfg.init_state:
                 _load_weights(model, cfg.init_state)
-        inner = make_inner([p for p in model.parameters() if p.requires_grad], inner_kind, lr, cfg.weight_decay)
-        opt = strat.build(inner, transport, model=model, **knobs)
-        inner_opt = getattr(opt, "inner", opt)
+        opt = setup.build(model, transport, weight_decay=cfg.weight_decay, betas=cfg.betas)
         timer = {"t": 0.0, "t0": 0.0}
 
         # The inner step is compute: time it under the lock too. (Hooks, so a strategy's own
@@ -347,8 +312,8 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             timer["t"] += time.perf_counter() - timer["t0"]
             shared.lock.release()
 
-        inner_opt.register_step_pre_hook(pre)
-        inner_opt.register_step_post_hook(post)
+        opt.inner.register_step_pre_hook(pre)
+        opt.inner.register_step_post_hook(post)
 
         @contextlib.contextmanager
         def guard():
@@ -359,11 +324,9 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
                 finally:
                     timer["t"] += time.perf_counter() - t0
 
-        if hasattr(opt, "compute_guard"):
-            # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
-            # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
-            opt.compute_guard = guard
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+        # A strategy with compute of its own outside the inner step (e.g. DeMo's DCT and
+        # top-k) runs it inside opt.compute_guard(): serialize and charge it as compute.
+        opt.compute_guard = guard
         stream = corpus.stream(rank, W, cfg.batch_size, cfg.seed)
         ops_before = transport.ledger.ops
         op_step = [0] * ops_before  # the step at which each ledger op was started (0: set-up)
@@ -373,32 +336,28 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
         do_eval(rank, 0, model, float("nan"), False)
         for step in range(1, cfg.steps + 1):
             x, y = next(stream)
-            with shared.lock:
-                t0 = time.perf_counter()
-                _, loss = model(x, y)
-                loss.backward()
-                fb = time.perf_counter() - t0
             timer["t"] = 0.0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            compute.append(fb + timer["t"])
-            train_losses.append(loss.item())
-            if step == cfg.steps and getattr(opt, "flush", None) is not None:
-                # land a sync still in flight (Streaming DiLoCo's last fragment), so the final model
-                # has every sync and no collective is left unfinished when the workers stop
-                opt.flush()
+            lr = setup.lr * lr_factor(step - 1, steps=cfg.steps, warmup=cfg.warmup_steps,
+                                      min_lr_ratio=cfg.min_lr_ratio)
+            # the last step lands a sync still in flight (Streaming DiLoCo's last fragment), so the
+            # final model has every sync and no collective is left unfinished when the workers stop
+            res = worker_step(model, opt, x, y, lr=lr, grad_clip=cfg.grad_clip, compute=lambda: shared.lock,
+                              last=step == cfg.steps)
+            compute.append(res.compute_seconds + timer["t"])
+            train_losses.append(res.loss)
             op_step.extend([step] * (transport.ledger.ops - len(op_step)))
+            if on_step is not None and rank == 0:
+                on_step(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 recent = train_losses[-cfg.eval_every:]
                 do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
         return {
             "compute": compute,
-            "sync_log": list(getattr(opt, "sync_log", [])),
+            "sync_log": list(opt.sync_log),
             "records": list(transport.ledger.records),
             "op_step": op_step,
-            "syncs": int(getattr(opt, "sync_count", 0)),
-            "failed": int(getattr(opt, "failed_syncs", 0)),
+            "syncs": opt.sync_count,
+            "failed": opt.failed_syncs,
         }
 
     results = run_local(W, worker, timeout=cfg.timeout)
