@@ -19,6 +19,7 @@ import zmq
 
 from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
 from ..p2p import _check_op, _dtype_groups, _write_back, shard_bounds
+from ..reduce import reduce_in_member_order
 from .wire import (
     RID_BYTES,
     WireError,
@@ -287,16 +288,9 @@ class DataPlane:
                     if x.numel() != b - a:
                         raise CommError(f"chunk from member {peer} has {x.numel()} elements, expected {b - a}")
                 parts.append((peer, x))
-            # ((x_0 + x_1) + x_2) + ... in fp32, as P2PTransport does, then / W and back to the dtype
-            if flat.dtype == torch.float32:
-                chunk_acc = acc[a - s:b - s]
-                chunk_acc.copy_(parts[0][1])
-            else:
-                chunk_acc = parts[0][1].to(torch.float32, copy=True)
-            for _, x in parts[1:]:
-                chunk_acc.add_(x)
-            if op == "mean":
-                chunk_acc.div_(w)
+            # ((x_0 + x_1) + x_2) + ... in fp32, as every transport does, then / W and back to the dtype
+            chunk_acc = reduce_in_member_order((x for _, x in parts), op,
+                                               out=acc[a - s:b - s] if flat.dtype == torch.float32 else None)
             res = chunk_acc if flat.dtype == torch.float32 else chunk_acc.to(flat.dtype)
             if _nonfinite(res):
                 bad = _culprits(parts, w)
