@@ -42,7 +42,9 @@ def add_arguments(ap) -> None:
                          "below that a peer that missed a sync catches up from a snapshot")
     ap.add_argument("--status-every", type=float, default=10.0,
                     help="seconds between status lines (members and progress); 0 for none")
-    ap.add_argument("--state", default=None, help="file keeping the epoch and ids across coordinator restarts")
+    ap.add_argument("--state", default=None,
+                    help="file keeping the epoch, member ids, the keys (or tokens) they are bound to and the "
+                         "verdict secret across coordinator restarts (keep it private)")
     ap.add_argument("--curve-secret", default=None, help="the coordinator's .key_secret (from lowcomm keygen)")
     ap.add_argument("--curve-allow", default=None,
                     help="directory of allowed peers' public .key files (re-read on SIGHUP; removed keys are ejected)")
