@@ -64,6 +64,7 @@ from ..comm.base import CommError, Handle, Transport
 from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .registry import StrategyConfig, register_strategy
+from .robust import resolve_aggregate, sender_factors
 
 __all__ = ["SparseLoCo", "SparseLoCoConfig"]
 
@@ -83,6 +84,10 @@ class SparseLoCo(OuterOptimizer):
         quant_range: width of the quantised range in standard deviations of the kept values (6).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
+        aggregate: ``"mean"`` (default) or ``"clip"`` (knobs as a spec, e.g. ``"clip:clip_ratio=2"``),
+            applied per sender at decode (:func:`lowcomm.outer.robust.sender_factors`): a sender whose
+            values are non-finite or above ``hard_bound`` x the median norm is left out (the mean is over
+            the others), the others are scaled to at most ``clip_ratio`` x the median norm.
     """
 
     shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
@@ -90,8 +95,9 @@ class SparseLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
                  bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,
-                 timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
+        self.screened: list[tuple[int, int, str]] = []  # senders left out at decode: (step, member id, why)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
         if self.outer_lr <= 0:
@@ -153,6 +159,12 @@ class SparseLoCo(OuterOptimizer):
         pending = PendingSync(unit, handle, [], self.local_step)
         return self.finish(pending, self._apply)
 
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="SparseLoCo")
+
+    def detections(self) -> list[dict[str, Any]]:
+        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
+
     def _apply(self, pending: PendingSync) -> None:
         with self.compute_guard():
             self._apply_gathered(pending, pending.handle.wait(self.timeout))  # done: finish() waited for it
@@ -170,9 +182,13 @@ class SparseLoCo(OuterOptimizer):
         # Commit: the new error buffer becomes current; the old one is free to accumulate the sum.
         self._error, self._work = self._work, self._error
         acc = self._work.zero_()
-        for pos, vals in decoded:  # member order: the same sums on every replica
-            acc.scatter_add_(0, pos, vals)
-        acc.div_(len(decoded))
+        norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in decoded]
+        weights, offences = sender_factors(self.aggregate, norms)
+        self.screened += [(self.local_step, members[i], why) for i, why in offences.items()]
+        for (pos, vals), wt in zip(decoded, weights):  # member order: the same sums on every replica
+            if wt != 0.0:  # 0: screened out (non-finite or beyond the hard bound)
+                acc.scatter_add_(0, pos, vals if wt == 1.0 else vals * wt)
+        acc.div_(sum(1 for wt in weights if wt != 0.0))
         for i, a in enumerate(unit.anchors):
             a.view(codec.blocked_shape(i)).add_(codec.chunk_view(acc, i), alpha=-self.outer_lr)
         unit.reset_locals()
@@ -207,11 +223,12 @@ class SparseLoCoConfig(StrategyConfig):
     chunk: int = 64  # target chunk edge
     bins: int | None = 4  # quantisation levels of the kept values (4: 2 bits; None: fp32)
     quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
+    aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
 
     def build(self, inner, transport, model=None) -> SparseLoCo:
         return SparseLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
                           decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
-                          quant_range=self.quant_range)
+                          quant_range=self.quant_range, aggregate=self.aggregate)
 
 
 register_strategy("sparseloco", SparseLoCoConfig,
