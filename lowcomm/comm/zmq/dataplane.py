@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import zmq
 
+from ..aggregate import get_aggregate
 from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
 from ..p2p import _check_op, _dtype_groups, _write_back, shard_bounds
 from ..reduce import reduce_in_member_order
@@ -36,6 +37,9 @@ __all__ = ["BadPayload", "DataPlane"]
 log = logging.getLogger(__name__)
 
 _FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+# Tags whose non-finite values a robust rule screens itself (the owner leaves the sender out and
+# counts an offence) instead of failing the op: robust shard contributions, norm rows, audit copies.
+_SCREENED = ("rrs", "rn", "aud")
 
 class BadPayload(CommError):
     """A peer sent data that cannot be used (NaN/Inf); ``sender`` names it."""
@@ -170,7 +174,7 @@ class DataPlane:
                 for off, fr in chunks:
                     tb[off:off + len(fr)].copy_(_frame_tensor(fr, torch.uint8))
             t = t.view(shape)
-            if _nonfinite(t):
+            if _nonfinite(t) and name not in _SCREENED:
                 raise BadPayload(peer, f"member {peer} sent NaN/Inf in op {op} ({name}); the sync fails")
             out.append(t)
         return out
@@ -230,10 +234,15 @@ class DataPlane:
 
         return self._start("all_gather", members, body)
 
-    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
-        """As :meth:`P2PTransport.all_reduce`; without a codec, the flat copy lives in a reused buffer."""
-        if codec is not None and getattr(codec, "name", codec) not in ("identity", "none"):
-            return super().all_reduce(tensors, op=op, codec=codec)
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None,
+                   aggregate: Any = None, center: Sequence[torch.Tensor] | None = None) -> Handle:
+        """As :meth:`P2PTransport.all_reduce`; without a codec, the flat copy lives in a reused buffer.
+
+        A robust ``aggregate`` rule (or a codec) takes P2P's path over this transport's sends:
+        :func:`lowcomm.comm.robust.robust_reduce`, the same code and arithmetic as the local transport."""
+        if get_aggregate(aggregate).robust or (
+                codec is not None and getattr(codec, "name", codec) not in ("identity", "none")):
+            return super().all_reduce(tensors, op=op, codec=codec, aggregate=aggregate, center=center)
         _check_op(op)
         tensors = list(tensors)
         members = self._members_or_raise()

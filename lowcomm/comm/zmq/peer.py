@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import zmq
 
+from ..aggregate import RULES
 from ..base import CommError, Handle, PeerLost, check_stats
 from ..p2p import P2PTransport
 from .coordinator_book import TOKEN_BYTES
@@ -90,6 +91,8 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
             "ledger_file": path}`` sends this process the signal during op ``k`` after ``m`` messages;
             ``{"serve_chunks": n}`` kills it after serving ``n`` snapshot chunks to a joiner.
     """
+
+    aggregate_rules = RULES  # all_reduce(aggregate=...): every rule, fp32 and quantized (see .dataplane)
 
     def __init__(self, coordinator: str, *, bind: str = "tcp://127.0.0.1:*", announce: str | None = None,
                  timeout: float = 3600.0, progress_timeout: float = 30.0, heartbeat: float = 2.0,
