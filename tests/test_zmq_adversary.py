@@ -23,6 +23,8 @@ from lowcomm.comm.base import CommError
 from lowcomm.comm.zmq import Coordinator, CurveConfig, ZmqTransport, generate_keypair
 from lowcomm.comm.zmq.wire import decode_control, encode_control, encode_header
 
+NO_REPORTS = {"offences": [], "sent": [], "received": []}  # a vote without issue 13's reports
+
 pytestmark = pytest.mark.timeout(120)
 FAST = {"heartbeat": 0.2, "progress_timeout": 4.0, "join_timeout": 20.0}
 EVIL = "key 'evil'"
@@ -125,8 +127,10 @@ def test_forged_control_messages_and_verdicts_change_nothing(keys):
                   encode_control("join", id=ids[0], addr="tcp://127.0.0.1:1", pub=None, rid=b"R" * 16, active=True,
                                  next_op=0, verdicts=[[5, "0,1", True, "0" * 64]]),
                   encode_control("activate", id=ids[1], next_op=0),
-                  encode_control("done", id=ids[0], op=0, group=ids, ok=True, why=""),
-                  encode_control("done", id=ids[0], op=1, group=list(range(4096)), ok=True, why="")]
+                  encode_control("done", id=ids[0], op=0, group=ids, ok=True, why="",
+                                 **NO_REPORTS),
+                  encode_control("done", id=ids[0], op=1, group=list(range(4096)), ok=True, why="",
+                                 **NO_REPORTS)]
         for f in forged:
             s.send(f)
         assert wait_for(lambda: c.rejects.counts.get(EVIL, 0) >= 4)
@@ -136,7 +140,8 @@ def test_forged_control_messages_and_verdicts_change_nothing(keys):
                               next_op=0, verdicts=[]))
         assert wait_for(lambda: len(c.members) == 3)
         evil_id = max(c.members)
-        s.send(encode_control("done", id=evil_id, op=0, group=ids, ok=True, why=""))
+        s.send(encode_control("done", id=evil_id, op=0, group=ids, ok=True, why="",
+                                 **NO_REPORTS))
         s.send(encode_control("ready", id=evil_id, op=0))
         exact_all_reduce(ts)
         assert all(ok for ok, _ in c.verdicts.values())
@@ -359,7 +364,8 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
             for mid in group:
                 if mid in self.honest:
                     self.honest_ok.setdefault(key, set()).add(mid)
-                    self.c.handle(b"", encode_control("done", id=mid, op=self.op, group=group, ok=True, why=""),
+                    self.c.handle(b"", encode_control("done", id=mid, op=self.op, group=group, ok=True, why="",
+                                 **NO_REPORTS),
                                   self.honest[mid])
         self.op += 1
 
@@ -371,7 +377,8 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
                                verdicts=[[op, ",".join(map(str, sorted(set(group)))), ok, "a" * 64]]),
                   "hb": dict(id=mid, hashes=[[op, "f" * 64]], stats={"tokens": op}), "leave": dict(id=mid),
                   "ready": dict(id=mid, op=op),
-                  "done": dict(id=mid, op=op, group=group, ok=ok, why="x"), "activate": dict(id=mid, next_op=op),
+                  "done": dict(id=mid, op=op, group=group, ok=ok, why="x",
+                                 **NO_REPORTS), "activate": dict(id=mid, next_op=op),
                   "query": dict(id=mid, sync=op)}[kind]
         self.c.handle(b"", encode_control(kind, **fields), "x")
 

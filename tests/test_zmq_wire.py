@@ -21,6 +21,8 @@ from lowcomm.comm.zmq.wire import (
     encode_header,
 )
 
+NO_REPORTS = {"offences": [], "sent": [], "received": []}  # a vote without issue 13's reports
+
 
 def test_header_round_trip():
     raw = encode_header("data", 3, 17, 42, "rs", 1, 2, 4, "bfloat16", [10, 3], 8, "int8")
@@ -106,7 +108,7 @@ def test_fuzz_structured_headers_and_controls(fields):
 
 
 def test_control_round_trip_and_rejects():
-    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True, why="")
+    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True, why="", **NO_REPORTS)
     assert decode_control(raw)["group"] == [0, 1, 2]
     with pytest.raises(WireError, match="unexpected"):
         decode_control(raw, allowed=("hb",))
@@ -114,7 +116,21 @@ def test_control_round_trip_and_rejects():
         decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1}))
     with pytest.raises(WireError, match="invalid"):
         decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1, "op": 7, "group": ["x"], "ok": True,
-                                      "why": ""}))
+                                      "why": "", **NO_REPORTS}))
+    # issue 13's reports: hashes of 32 hex digits, known offence kinds and findings, bounded lists
+    good = {"v": VERSION, "k": "done", "id": 1, "op": 7, "group": [0, 1, 2], "ok": True, "why": "",
+            "offences": [[2, "bound"]], "sent": ["ab" * 16] * 3, "received": ["0" * 32] * 3}
+    assert decode_control(msgpack.packb(good))["offences"] == [[2, "bound"]]
+    for bad in ({"sent": ["xyz" * 11]}, {"received": ["a" * 31]}, {"offences": [[2, "ugly"]]},
+                {"offences": [[-1, "bound"]]}, {"sent": ["0" * 32] * 257}):
+        with pytest.raises(WireError, match="invalid"):
+            decode_control(msgpack.packb({**good, **bad}))
+    found = {"v": VERSION, "k": "found", "id": 1, "op": 7, "group": [0, 1, 2]}
+    assert decode_control(msgpack.packb({**found, "found": ["owner", 2]}))["found"] == ["owner", 2]
+    assert decode_control(msgpack.packb({**found, "found": []}))["found"] == []
+    for bad in (["liar", 2], ["owner"], ["owner", 2, 3], ["owner", "2"]):
+        with pytest.raises(WireError, match="invalid"):
+            decode_control(msgpack.packb({**found, "found": bad}))
     with pytest.raises(WireError, match=f"speaks wire version 1, this process speaks version {VERSION}"):
         decode_control(msgpack.packb({"v": 1, "k": "done", "id": 1, "op": 7, "group": [1], "ok": True}))
     with pytest.raises(ValueError, match="needs fields"):

@@ -56,6 +56,7 @@ import time
 import zmq
 
 from .coordinator_book import STATE_VERSION, TOKEN_BYTES, Bookkeeping, _Barrier, _Member, _Vote
+from .coordinator_judge import Judge
 from .run_page import RunPage
 from .security import CurveConfig, Rejects, check_insecure
 from .wire import MAX_MEMBERS, WireError, decode_control, encode_control
@@ -65,10 +66,10 @@ __all__ = ["STATE_VERSION", "TOKEN_BYTES", "Coordinator"]
 
 log = logging.getLogger(__name__)
 
-PEER_KINDS = ("join", "hb", "leave", "ready", "done", "activate", "query")
+PEER_KINDS = ("join", "hb", "leave", "ready", "done", "activate", "query", "found")
 
 
-class Coordinator(Bookkeeping):
+class Coordinator(Judge, Bookkeeping):
     """See the module docstring. ``serve()`` runs until :meth:`stop` (or forever)."""
 
     def __init__(self, bind: str, *, min_peers: int = 1, heartbeat: float = 2.0,
@@ -76,7 +77,7 @@ class Coordinator(Bookkeeping):
                  recovery: float | None = None, state_file: str | None = None,
                  curve: CurveConfig | None = None, max_members: int = 4096, max_misses: int = 3,
                  insecure: bool = False, clock=time.monotonic, dashboard: str | None = None,
-                 dashboard_addresses: bool = False):
+                 dashboard_addresses: bool = False, audit: float = 0.1, max_offences: int = 3, rng=None):
         if not isinstance(bind, str) or "://" not in bind:
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://0.0.0.0:5555, got {bind!r}")
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
@@ -106,6 +107,7 @@ class Coordinator(Bookkeeping):
         # member id -> identity (CURVE key or token): who may speak for that id, across restarts
         self.bindings: dict[int, str] = {int(k): v for k, v in st["bindings"].items()}
         self._secret = bytes.fromhex(st["secret"])
+        self._judge_init(st, audit, max_offences, rng)  # audits, offences, ejected keys (.coordinator_judge)
         self.rejects = Rejects(log)
         self.members: dict[int, _Member] = {}
         self.dropped: set[int] = {int(x) for x in st["dropped"]}
@@ -145,6 +147,8 @@ class Coordinator(Bookkeeping):
     def _on_join(self, rid: bytes, who: str, m: dict) -> None:
         now = self._now()
         mid = m["id"]
+        if self._refuse_ejected(rid, who):
+            return
         clash = [x.id for x in self.members.values() if x.rid == m["rid"] and x.who != who]
         if clash:
             self._reject(who, f"join with the data routing id of member {clash[0]}")
@@ -320,6 +324,7 @@ class Coordinator(Bookkeeping):
         if not m["ok"] and m["why"]:
             v.whys[mid] = m["why"]
         v.reply_to[mid] = rid
+        self._record_vote(rid, v, mid, m)
         self._check_votes()
 
     def _check_votes(self) -> None:
@@ -335,9 +340,12 @@ class Coordinator(Bookkeeping):
             if failed or gone or now - v.first > self.barrier_timeout:
                 ok = False
             elif complete:
+                if self._auditing(key, v):
+                    continue
                 ok = True
             else:
                 continue
+            ok, judged = self._judge(key, v, ok)
             lost = sorted(set(gone) | ({g for g in v.group if g not in v.votes} if not complete and not failed
                                        and not gone else set()))
             self.verdicts[key] = (ok, lost)
@@ -346,7 +354,8 @@ class Coordinator(Bookkeeping):
                 self.ops_committed += 1
             else:
                 self.ops_failed += 1
-            why = "; ".join(f"member {g} reports: {w}" for g, w in sorted(v.whys.items()))[:1024]
+            why = "; ".join([judged] * bool(judged) + [f"member {g} reports: {w}"
+                                                        for g, w in sorted(v.whys.items())])[:1024]
             frame = encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok), why=why)
             for rid in v.reply_to.values():
                 self._send(rid, frame)

@@ -51,6 +51,13 @@ class _Vote:
     votes: dict[int, bool] = field(default_factory=dict)
     whys: dict[int, str] = field(default_factory=dict)  # what failed voters reported (their word, not checked)
     reply_to: dict[int, bytes] = field(default_factory=dict)
+    # issue 13 (see .coordinator_judge): each voter's (offences, sent hashes, received hashes), the audit
+    # drawn (shard, auditors, frame) or None, whether the draw happened, auditors' findings, disagreements
+    reports: dict[int, tuple] = field(default_factory=dict)
+    audit: tuple | None = None
+    drawn: bool = False
+    findings: dict[int, list] = field(default_factory=dict)
+    disagree: list[int] = field(default_factory=list)
 
 
 
@@ -59,7 +66,8 @@ class Bookkeeping:
 
     @staticmethod
     def _load_state(path: str | None) -> dict:
-        fresh = {"epoch": 0, "next_id": 0, "dropped": [], "bindings": {}, "secret": secrets.token_hex(32)}
+        fresh = {"epoch": 0, "next_id": 0, "dropped": [], "bindings": {}, "secret": secrets.token_hex(32),
+                 "ejected": {}}
         if not path or not os.path.exists(path):
             return fresh
         with open(path) as f:
@@ -84,7 +92,7 @@ class Bookkeeping:
             json.dump({"version": STATE_VERSION, "epoch": self.epoch, "next_id": self.next_id,
                        "dropped": sorted(self.dropped)[-1024:],
                        "bindings": {str(k): v for k, v in self.bindings.items()},
-                       "secret": self._secret.hex()}, f)
+                       "secret": self._secret.hex(), "ejected": getattr(self, "ejected", {})}, f)
         os.replace(tmp, self.state_file)
 
     def _mac(self, op: int, key: str, ok: bool) -> str:

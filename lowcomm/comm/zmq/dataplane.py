@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from ..aggregate import get_aggregate
+from ..audit import plain_audit
 from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
 from ..p2p import _check_op, _dtype_groups, _write_back, shard_bounds
 from ..reduce import reduce_in_member_order
@@ -40,6 +41,7 @@ _FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 # Tags whose non-finite values a robust rule screens itself (the owner leaves the sender out and
 # counts an offence) instead of failing the op: robust shard contributions, norm rows, audit copies.
 _SCREENED = ("rrs", "rn", "aud")
+_OWNED = ("qrs", "rrs")  # pieces of this member's own shard (hashed as they arrive; "rs" in the pipeline)
 
 class BadPayload(CommError):
     """A peer sent data that cannot be used (NaN/Inf); ``sender`` names it."""
@@ -174,6 +176,8 @@ class DataPlane:
                 for off, fr in chunks:
                     tb[off:off + len(fr)].copy_(_frame_tensor(fr, torch.uint8))
             t = t.view(shape)
+            if name in _OWNED:
+                self._hash_in(peer, t, True)
             if _nonfinite(t) and name not in _SCREENED:
                 raise BadPayload(peer, f"member {peer} sent NaN/Inf in op {op} ({name}); the sync fails")
             out.append(t)
@@ -258,7 +262,9 @@ class DataPlane:
                     k = tensors[i].numel()
                     flat[off:off + k].copy_(tensors[i].detach().reshape(-1))
                     off += k
+                orig = flat.clone()  # this member's contribution, for an audit of the op
                 self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
+                self._audit((seq, gi), rec, members, deadline, plain_audit(orig, flat, w, op))
                 flats.append((flat, idxs))
 
             return _write_back(flats, tensors)
@@ -296,6 +302,7 @@ class DataPlane:
                     x = self._recv_chunk(peer, rs_key(peer), (a - s) * esz, flat.dtype, deadline)
                     if x.numel() != b - a:
                         raise CommError(f"chunk from member {peer} has {x.numel()} elements, expected {b - a}")
+                    self._hash_in(peer, x, a == s)
                 parts.append((peer, x))
             # ((x_0 + x_1) + x_2) + ... in fp32, as every transport does, then / W and back to the dtype
             chunk_acc = reduce_in_member_order((x for _, x in parts), op,

@@ -195,8 +195,12 @@ class Membership:
         if len(group) == 1:
             return ok, []
         why = "" if ok else str(getattr(self, "_op_error", "") or "")[:256]
-        frame = encode_control("done", id=self._id, op=seq, group=group, ok=ok, why=why)
-        m = self._request(frame, lambda m: m["k"] == "verdict" and m["op"] == seq, deadline)
+        frame = encode_control("done", id=self._id, op=seq, group=group, ok=ok, why=why,
+                               **self._vote_fields(group))
+        m = self._request(frame, lambda m: m["k"] in ("verdict", "audit") and m["op"] == seq, deadline)
+        if m["k"] == "audit":  # the coordinator drew this op for an audit (see .audits)
+            frame = self._audit_part(seq, group, m, self._cur_rec, deadline)
+            m = self._request(frame, lambda m: m["k"] == "verdict" and m["op"] == seq, deadline)
         self._verdicts.append([seq, ",".join(map(str, group)), m["ok"], m["mac"]])
         del self._verdicts[:-64]
         self._verdict_why = m["why"]

@@ -58,6 +58,7 @@ import zmq
 from ..aggregate import RULES
 from ..base import CommError, Handle, PeerLost, check_stats
 from ..p2p import P2PTransport
+from .audits import Audits
 from .coordinator_book import TOKEN_BYTES
 from .dataplane import BadPayload, DataPlane, _Inbox
 from .membership import Membership
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
-class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
+class ZmqTransport(Membership, Audits, DataPlane, Snapshots, P2PTransport):
     """A peer of a ZeroMQ run (see the module docstring). Build it with :func:`connect_zmq`.
 
     Args:
@@ -172,6 +173,8 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
         self._cur_seq = -1
         self._served_chunks = 0
         self._stop = threading.Event()
+        self._audit_reset()
+        self._cur_rec = None
         self._id = -1
         self._active = False
         self._members: list[int] = []
@@ -272,6 +275,8 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
         err: CommError | None = None
         result = None
         self._last_from = None
+        self._audit_reset()
+        self._cur_rec = rec
         try:
             live = self._live
             gone = [p for p in members if live is not None and p not in live and p != self._id]

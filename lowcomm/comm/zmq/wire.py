@@ -297,6 +297,27 @@ def _stats(v: Any) -> bool:
         k in STAT_KEYS and type(x) in (int, float) and x == x and abs(x) <= 1e18 for k, x in v.items())
 
 
+MAX_AUDITED = 256  # groups up to this size report shard hashes with their votes (and can be audited)
+HASH_CHARS = 32  # a shard hash on the wire: the first 128 bits of its sha256, in hex
+OFFENCE_KINDS = ("non_finite", "bound")  # what an owner witnessed in a sender's piece of its shard
+FINDINGS = ("sender", "owner", "failed")  # what an auditor found: a hash mismatch, a lying owner, no result
+
+
+def _hash_list(v: Any) -> bool:
+    return type(v) is list and len(v) <= MAX_AUDITED and all(
+        type(x) is str and len(x) == HASH_CHARS and all(c in "0123456789abcdef" for c in x) for x in v)
+
+
+def _offences(v: Any) -> bool:
+    # [[sender id, kind], ...]: the senders whose pieces of this owner's shard it screened out
+    return type(v) is list and len(v) <= MAX_AUDITED and all(
+        type(x) is list and len(x) == 2 and _member_id(x[0]) and x[1] in OFFENCE_KINDS for x in v)
+
+
+def _finding(v: Any) -> bool:
+    return type(v) is list and (v == [] or (len(v) == 2 and v[0] in FINDINGS and _member_id(v[1])))
+
+
 _B = lambda v: type(v) is bool  # noqa: E731
 _I = _is_int
 _S = _is_str(512)
@@ -308,7 +329,12 @@ CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
     "hb": {"id": _I, "hashes": _hashes, "stats": _stats},
     "leave": {"id": _I},
     "ready": {"id": _I, "op": _I},
-    "done": {"id": _I, "op": _I, "group": _group, "ok": _B, "why": _is_str(256)},
+    # done: the commit vote, with (issue 13) the hashes of this member's contribution to each shard
+    # ("sent", member order), the hashes of what each member sent for this member's own shard
+    # ("received"), and the senders this member, as an owner, screened out ("offences")
+    "done": {"id": _I, "op": _I, "group": _group, "ok": _B, "why": _is_str(256), "offences": _offences,
+             "sent": _hash_list, "received": _hash_list},
+    "found": {"id": _I, "op": _I, "group": _group, "found": _finding},
     "activate": {"id": _I, "next_op": _I},
     "query": {"id": _I, "sync": _I},
     # coordinator -> peer
@@ -319,6 +345,7 @@ CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
     "go": {"op": _I, "epoch": _I, "members": _member_list},
     "drop": {"op": _I, "reason": _S},
     "verdict": {"op": _I, "ok": _B, "lost": _int_list(MAX_MEMBERS), "mac": _mac, "why": _is_str(1024)},
+    "audit": {"op": _I, "shard": _I, "auditors": _group, "hashes": _hash_list},
     "answer": {"sync": _I, "hash": _opt(_is_str(128)), "agreed": _B},
     "error": {"reason": _S},
     # peer <-> peer (sent as a single control frame on the data sockets)
