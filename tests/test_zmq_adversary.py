@@ -369,7 +369,7 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
                                   self.honest[mid])
         self.op += 1
 
-    @rule(kind=st.sampled_from(["join", "hb", "leave", "ready", "done", "activate", "query"]),
+    @rule(kind=st.sampled_from(["join", "hb", "leave", "ready", "done", "activate", "query", "found"]),
           mid=st.integers(0, 5), op=st.integers(0, 40), group=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
           ok=st.booleans())
     def attack(self, kind, mid, op, group, ok):
@@ -377,8 +377,10 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
                                verdicts=[[op, ",".join(map(str, sorted(set(group)))), ok, "a" * 64]]),
                   "hb": dict(id=mid, hashes=[[op, "f" * 64]], stats={"tokens": op}), "leave": dict(id=mid),
                   "ready": dict(id=mid, op=op),
-                  "done": dict(id=mid, op=op, group=group, ok=ok, why="x",
-                                 **NO_REPORTS), "activate": dict(id=mid, next_op=op),
+                  # the attacker also accuses members of offences, and of lying as owners (alone: never counted)
+                  "done": dict(id=mid, op=op, group=group, ok=ok, why="x", offences=[[g, "bound"] for g in group],
+                               sent=[], received=[]), "activate": dict(id=mid, next_op=op),
+                  "found": dict(id=mid, op=op, group=group, found=["owner", group[0]]),
                   "query": dict(id=mid, sync=op)}[kind]
         self.c.handle(b"", encode_control(kind, **fields), "x")
 
@@ -395,6 +397,7 @@ class CoordinatorUnderAttack(RuleBasedStateMachine):
         assert len(c.barriers) <= 2 * max(1, len(c.members))
         assert len(c.votes) <= 4 * max(1, len(c.members))
         assert all(len(v.group) <= len(c.members) + len(c.bindings) for v in c.votes.values())
+        assert not c.offences and not c.ejected  # one member's word never counts as an offence
         for mid in self.honest:  # no honest member was evicted or taken over
             assert mid in c.members and c.members[mid].who == self.honest[mid]
         for key, (ok, _) in c.verdicts.items():

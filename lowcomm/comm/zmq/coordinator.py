@@ -44,6 +44,10 @@ id at a time. Verdicts carry a MAC under a secret of the coordinator's (kept in 
 file), so a verdict re-reported after a restart is one this coordinator really gave. What a
 message can make the coordinator keep is bounded: at most ``max_members`` members, two open
 barriers and four open votes per member, groups no larger than the membership.
+
+**Poisoned values** (issue 13, :mod:`.coordinator_judge`): votes carry shard hashes and the offences
+owners witnessed; the coordinator audits ops (``audit``, default 0.1), counts offences per key only on
+evidence of a majority (owners or auditors), and ejects a key after ``max_offences`` (default 3).
 """
 
 from __future__ import annotations

@@ -42,6 +42,12 @@ def add_arguments(ap) -> None:
     ap.add_argument("--max-misses", type=int, default=3,
                     help="consecutive missed syncs after which a slow peer is dropped (it may join again); "
                          "below that a peer that missed a sync catches up from a snapshot")
+    ap.add_argument("--audit", type=float, default=0.1,
+                    help="probability per all-reduce of auditing one shard owner (two other members recompute "
+                         "its shard; a liar is named and ejected after --max-offences)")
+    ap.add_argument("--max-offences", type=int, default=3,
+                    help="offences (witnessed by most owners or confirmed by an audit) after which a key is "
+                         "ejected for the rest of the run")
     ap.add_argument("--status-every", type=float, default=10.0,
                     help="seconds between status lines (members and progress); 0 for none")
     ap.add_argument("--state", default=None,
@@ -69,7 +75,8 @@ def main(args) -> int:
         curve = CurveConfig(args.curve_secret, args.curve_allow)
     run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
                     heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
-                    max_misses=args.max_misses, state_file=args.state, curve=curve, insecure=args.insecure,
+                    max_misses=args.max_misses, audit=args.audit, max_offences=args.max_offences,
+                    state_file=args.state, curve=curve, insecure=args.insecure,
                     dashboard=args.dashboard, dashboard_addresses=args.dashboard_addresses,
                     status_every=None if args.status_every == 0 else args.status_every)
     return 0

@@ -12,8 +12,9 @@ member only in these two cases, and says which in the offence's ``evidence``:
    counts when a strict majority of the *other* members of the op's group report that sender
    (each on bytes it received itself; a ``scale`` attacker's x1e4 shows in every shard, so every
    honest owner reports it). One owner, or a minority of colluding owners, can therefore never
-   make an honest member offend; a sender that poisons only a few shards is still screened out of
-   the aggregate by the rule, but is not counted.
+   make an honest member offend (at least two witnesses are needed, so groups of two never count,
+   and only in ops the coordinator itself opened to that group). A sender that poisons only a few
+   shards is still screened out of the aggregate by the rule, but is not counted.
 2. *Found by an audit and confirmed by a majority of its auditors* (a hash mismatch, a lying
    owner). With probability ``audit`` per op (drawn here, from an unpredictable source, only after
    every member of the op voted with its hashes: no owner can know in advance), one shard ``j``
@@ -30,8 +31,9 @@ registered token, which a fresh process does not share, so ejection without CURV
 process's membership) is ejected: dropped from the run, logged, refused at join for the rest of the
 run (also across coordinator restarts: the state file keeps ejected keys).
 
-Audits need a group of at least 3 (two auditors besides the owner) of at most
-:data:`~.wire.MAX_AUDITED` members, and ops that carry shard hashes (all-reduces).
+Audits need an op the coordinator opened (released by a sync-start barrier) to a group of at least
+3 (two auditors besides the owner) and at most :data:`~.wire.MAX_AUDITED` members, whose votes carry
+shard hashes (all-reduces).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class Judge:
 
     # ---- votes and audits -----------------------------------------------------------------------
     def _record_vote(self, rid: bytes, v: Any, mid: int, m: dict) -> None:
-        v.reports[mid] = (m["offences"], m["sent"], m["received"])
+        v.reports.setdefault(mid, (m["offences"], m["sent"], m["received"]))  # the first vote's reports count
         if v.audit is not None and v.audit[2]:
             self._send(rid, v.audit[2])  # a re-sent vote while the op is being audited
 
@@ -87,7 +89,9 @@ class Judge:
             return
         v = self.votes.get(key)
         if v is None or mid not in v.group or v.audit is None:
-            self._reject(mem.who, f"member {mid} reports an audit finding for op {op}, which has no open audit")
+            why = f"member {mid} reports an audit finding for op {op}, which has no open audit"
+            self._reject(mem.who, why)
+            self._send(rid, encode_control("error", reason=why))  # e.g. we restarted mid-audit: the op fails
             return
         v.reply_to[mid] = rid
         if mid in v.audit[1]:
@@ -98,7 +102,7 @@ class Judge:
         """Whether op ``key``'s verdict waits for an audit (drawn here, once, when every vote is in)."""
         if v.audit is not None:
             return not all(a in v.findings for a in v.audit[1])
-        if v.drawn:
+        if v.drawn or not self._opened(key, v):
             return False
         v.drawn = True
         w = len(v.group)
@@ -123,13 +127,18 @@ class Judge:
             self._send(rid, frame)
         return True
 
+    def _opened(self, key: tuple, v: Any) -> bool:
+        """Whether ``key`` is an op this coordinator released to exactly this group (a vote on any other
+        group, which a member can open by voting, is never evidence)."""
+        return key[0] in self.released and self.released[key[0]][0] == set(v.group)
+
     def _judge(self, key: tuple, v: Any, ok: bool) -> tuple[bool, str]:
         """Count the offences op ``key``'s votes and audit prove; the verdict (failed by any audit finding)."""
         op, why = key[0], []
         others = len(v.group) - 1
-        for s in v.group:
+        for s in v.group if self._opened(key, v) else ():
             seen = [k for g, (offs, _, _) in sorted(v.reports.items()) if g != s for x, k in offs if x == s]
-            if others > 0 and 2 * len(seen) > others:
+            if len(seen) >= 2 and 2 * len(seen) > others:
                 kind = max(sorted(set(seen)), key=seen.count)
                 self._offend(s, op, kind, f"{len(seen)} of the {others} other members' shards received its "
                                           f"pieces {'non-finite' if kind == 'non_finite' else 'beyond the hard bound'}")
