@@ -177,3 +177,18 @@ def test_lying_owner_is_caught_by_a_forced_audit_and_named():
         assert [(o["member"], o["kind"]) for o in c.offences] == [(liar, "lying_owner")]
         assert "2 of 2 auditors" in c.offences[0]["evidence"]
         assert c.ops_failed == 1
+
+
+class BadHash(ZmqTransport):
+    """Reports hashes that are not those of the bytes it sent."""
+
+    def _vote_fields(self, group):
+        return {**super()._vote_fields(group), "sent": ["f" * 32] * len(group)}
+
+
+def test_sender_and_owner_disagreeing_on_hashes_fail_the_audited_op_naming_nobody():
+    with group(3, cls=(ZmqTransport, ZmqTransport, BadHash), audit=1.0) as (c, ts):
+        outs = together([lambda t=t: _op(t, torch.full((90,), float(t.rank))) for t in ts])
+        assert all(isinstance(o, CommError) for o in outs), outs
+        assert all("report different hashes of the same bytes" in str(o) for o in outs)
+        assert c.offences == [] and c.ops_failed == 1
