@@ -1,8 +1,11 @@
 """The training loop shared by ``lowcomm train``, ``lowcomm peer`` and the recipes.
 
 One loop for every registered strategy (DiLoCo, Douillard et al. 2023, arXiv 2311.08105, and the
-others in :mod:`lowcomm.outer`): the strategy is built from the registry by name, wraps an
-AdamW (or SGD) inner optimizer, and the loop never knows which one it drives.
+others in :mod:`lowcomm.outer`): the strategy's typed config is built from the registry by name and
+wraps the inner optimizer :func:`lowcomm.loop.make_inner` builds; the loop never knows which one it
+drives. What it shares with the simulator (knobs, schedule, the worker step, evaluation) lives in
+:mod:`lowcomm.loop`; this module keeps the torchrun layout, checkpoints and logging, and the run's
+configuration lives in :mod:`lowcomm.train_config`.
 
 Worlds:
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -311,6 +315,10 @@ class _Run:
         eta = (cfg.steps - step) * (now - self.t_start) / max(1, step - self.start_step)
         self.say(f"step {step}/{cfg.steps}  loss {self.last_loss:.4f}  lr {self.lr:.2e}  {tps:,.0f} tok/s  "
                  f"sent {sent / 1e6:.2f} MB  syncs {self.opt.sync_count}  eta {eta:.0f}s")
+        # For whoever watches the run (the ZeroMQ coordinator's run page); other transports ignore it.
+        self.transport.report_stats({"step": step, "tokens": self.tokens, "tokens_per_s": tps,
+                                     "syncs": self.opt.sync_count, "rolled_back": self.opt.failed_syncs,
+                                     **({} if math.isnan(self.last_loss) else {"train_loss": self.last_loss})})
         if self.writer is not None:
             for tag, value in (("train/loss", self.last_loss), ("train/lr", self.lr),
                                ("train/tokens_per_second", tps), ("comm/bytes_sent", sent),
@@ -325,6 +333,8 @@ class _Run:
         ev = evaluate(self.model, self.held_out, self.device, self.amp)
         self.eval_curve.append((step, ev))
         self.final_eval = ev
+        if math.isfinite(ev):
+            self.transport.report_stats({"eval_loss": ev})
         self.say(f"step {step}: held-out loss {ev:.4f}")
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", ev, step)
