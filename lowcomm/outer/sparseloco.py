@@ -43,7 +43,9 @@ Where this differs from templar (``src/tplr/neurons.py``, ``prepare_gradient_dic
 Failure: a failed all-gather rolls back like DiLoCo: ``phi`` is untouched, ``theta <- phi``
 (the local work since the last sync is dropped), and the error buffer is exactly as before the
 sync (the new one is built in a second buffer and only swapped in on success). A malformed
-payload from a peer raises ``ValueError`` naming it, after the same rollback.
+payload from a peer raises ``ValueError`` naming it, after the same rollback; on a transport that
+validates all-gather payloads before its commit vote (ZeroMQ's ``validate=``), it fails the sync
+on every member instead, which rolls back as above.
 
 Robust aggregation (``aggregate="clip"``, as DeMo's): applied per sender at decode
 (:func:`lowcomm.outer.robust.sender_factors`): a sender whose decoded values' norm is above
@@ -62,6 +64,7 @@ buffer (2P fp32), and per sync the kept entries (about 1.5% of P) of every membe
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +167,14 @@ class SparseLoCo(OuterOptimizer):
             pos, sent = codec.decode(payload, who="own payload")
             work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
         try:
-            handle = self.transport.all_gather(payload)
+            gather = self.transport.all_gather
+            if "validate" in inspect.signature(gather).parameters:
+                # a transport that checks each member's payload before its commit vote (ZeroMQ): a
+                # malformed one then fails the sync on every member (rolled back) instead of raising after it
+                handle = gather(payload, validate=lambda parts, member: codec.decode(
+                    parts, who=f"member {member}'s payload"))
+            else:
+                handle = gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, [], self.local_step)
