@@ -43,7 +43,16 @@ Where this differs from templar (``src/tplr/neurons.py``, ``prepare_gradient_dic
 Failure: a failed all-gather rolls back like DiLoCo: ``phi`` is untouched, ``theta <- phi``
 (the local work since the last sync is dropped), and the error buffer is exactly as before the
 sync (the new one is built in a second buffer and only swapped in on success). A malformed
-payload from a peer raises ``ValueError`` naming it, after the same rollback.
+payload from a peer raises ``ValueError`` naming it, after the same rollback; on a transport that
+validates all-gather payloads before its commit vote (ZeroMQ's ``validate=``), it fails the sync
+on every member instead, which rolls back as above.
+
+Robust aggregation (``aggregate="clip"``, as DeMo's): applied per sender at decode
+(:func:`lowcomm.outer.robust.sender_factors`): a sender whose decoded values' norm is above
+``hard_bound`` x the median is left out, the others' values are scaled by
+``min(1, clip_ratio * median / norm)``, and the sum is divided by the number of senders kept
+(W when none is left out). A payload that is malformed (non-finite values included) is a
+ValueError, as above. ``trimmed_mean`` and ``centered_clip`` would need dense vectors: ValueError.
 
 Compute accounting: the compression before the exchange and the decoding after it run inside
 ``opt.compute_guard()`` (see :class:`~.base.OuterOptimizer`), so the simulator charges them as
@@ -55,6 +64,7 @@ buffer (2P fp32), and per sync the kept entries (about 1.5% of P) of every membe
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +94,7 @@ class SparseLoCo(OuterOptimizer):
         quant_range: width of the quantised range in standard deviations of the kept values (6).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
-        aggregate: ``"mean"`` (default) or ``"clip"`` (knobs as a spec, e.g. ``"clip:clip_ratio=2"``),
-            applied per sender at decode (:func:`lowcomm.outer.robust.sender_factors`): a sender whose
-            values are non-finite or above ``hard_bound`` x the median norm is left out (the mean is over
-            the others), the others are scaled to at most ``clip_ratio`` x the median norm.
+        aggregate: ``"mean"`` (default) or ``"clip"``, applied per sender at decode.
     """
 
     shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
@@ -97,7 +104,6 @@ class SparseLoCo(OuterOptimizer):
                  bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,
                  timeout: float | None = None, aggregate: Any = "mean"):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
-        self.screened: list[tuple[int, int, str]] = []  # senders left out at decode: (step, member id, why)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
         if self.outer_lr <= 0:
@@ -122,6 +128,14 @@ class SparseLoCo(OuterOptimizer):
         self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr))]
         self._error = torch.zeros(self.codec.numel, dtype=torch.float32, device=dev)
         self._work = torch.zeros_like(self._error)
+        self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
+        self.screened: list[tuple[int, int, str]] = []  # every screening: (step, member id, why)
+
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="SparseLoCo")
+
+    def detections(self) -> list[dict[str, Any]]:
+        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
 
     @property
     def error(self) -> list[torch.Tensor]:
@@ -153,17 +167,18 @@ class SparseLoCo(OuterOptimizer):
             pos, sent = codec.decode(payload, who="own payload")
             work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
         try:
-            handle = self.transport.all_gather(payload)
+            gather = self.transport.all_gather
+            if "validate" in inspect.signature(gather).parameters:
+                # a transport that checks each member's payload before its commit vote (ZeroMQ): a
+                # malformed one then fails the sync on every member (rolled back) instead of raising after it
+                handle = gather(payload, validate=lambda parts, member: codec.decode(
+                    parts, who=f"member {member}'s payload"))
+            else:
+                handle = gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, [], self.local_step)
         return self.finish(pending, self._apply)
-
-    def resolve_aggregate(self, aggregate: Any) -> Any:
-        return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="SparseLoCo")
-
-    def detections(self) -> list[dict[str, Any]]:
-        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
 
     def _apply(self, pending: PendingSync) -> None:
         with self.compute_guard():
@@ -179,16 +194,20 @@ class SparseLoCo(OuterOptimizer):
         except ValueError:
             unit.reset_locals()  # error buffer and phi untouched: as after a failed sync
             raise
+        norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in decoded]
+        weights, self.last_offences = sender_factors(self.aggregate, norms)
+        self.screened += [(self.local_step, members[i], why) for i, why in self.last_offences.items()]
+        kept = sum(1 for w in weights if w != 0.0)
+        if kept == 0:
+            unit.reset_locals()
+            raise ValueError(f"aggregate={self.aggregate.rule!r} screened out every member's payload")
         # Commit: the new error buffer becomes current; the old one is free to accumulate the sum.
         self._error, self._work = self._work, self._error
         acc = self._work.zero_()
-        norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in decoded]
-        weights, offences = sender_factors(self.aggregate, norms)
-        self.screened += [(self.local_step, members[i], why) for i, why in offences.items()]
         for (pos, vals), wt in zip(decoded, weights):  # member order: the same sums on every replica
-            if wt != 0.0:  # 0: screened out (non-finite or beyond the hard bound)
+            if wt != 0.0:
                 acc.scatter_add_(0, pos, vals if wt == 1.0 else vals * wt)
-        acc.div_(sum(1 for wt in weights if wt != 0.0))
+        acc.div_(kept)
         for i, a in enumerate(unit.anchors):
             a.view(codec.blocked_shape(i)).add_(codec.chunk_view(acc, i), alpha=-self.outer_lr)
         unit.reset_locals()
