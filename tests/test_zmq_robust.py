@@ -192,3 +192,20 @@ def test_sender_and_owner_disagreeing_on_hashes_fail_the_audited_op_naming_nobod
         assert all(isinstance(o, CommError) for o in outs), outs
         assert all("report different hashes of the same bytes" in str(o) for o in outs)
         assert c.offences == [] and c.ops_failed == 1
+
+
+class AuditCheat(ZmqTransport):
+    """Sends auditors other bytes than those it sent the owner (and reported the hash of)."""
+
+    def _audit_part(self, seq, group, m, rec, deadline):
+        self._aud = [([[p + 1 for p in parts] for parts in a[0]], *a[1:]) for a in self._aud]
+        return super()._audit_part(seq, group, m, rec, deadline)
+
+
+def test_contribution_that_does_not_match_its_hash_names_its_sender():
+    with group(3, cls=(ZmqTransport, ZmqTransport, AuditCheat), audit=1.0) as (c, ts):
+        cheat = ts[2].rank
+        outs = together([lambda t=t: _op(t, torch.full((90,), float(t.rank)), "trimmed_mean") for t in ts])
+        assert all(isinstance(o, CommError) for o in outs), outs
+        assert all(f"member {cheat} sent bytes that do not match its hash" in str(o) for o in outs)
+        assert [(o["member"], o["kind"]) for o in c.offences] == [(cheat, "hash_mismatch")]
