@@ -317,8 +317,7 @@ class Coordinator(Judge, Bookkeeping):
             self._send(rid, encode_control("error", reason=bogus))
             return
         if key in self.verdicts:
-            ok, lost = self.verdicts[key]
-            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost, mac=self._mac(*key, ok), why=""))
+            self._send(rid, self._verdict_frame(key))
             return
         if key not in self.votes and sum(mid in v.group for v in self.votes.values()) >= 4:
             self._reject(mem.who, f"member {mid} votes on a fifth open op at once ({op})")
@@ -360,7 +359,8 @@ class Coordinator(Judge, Bookkeeping):
                 self.ops_failed += 1
             why = "; ".join([judged] * bool(judged) + [f"member {g} reports: {w}"
                                                         for g, w in sorted(v.whys.items())])[:1024]
-            frame = encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok), why=why)
+            self.verdict_whys[key] = why  # told again to a member that asks after the verdict
+            frame = self._verdict_frame(key)
             for rid in v.reply_to.values():
                 self._send(rid, frame)
             if not ok:
@@ -368,6 +368,7 @@ class Coordinator(Judge, Bookkeeping):
         if len(self.verdicts) > 1024:
             for k in sorted(self.verdicts)[:-512]:
                 del self.verdicts[k]
+                self.verdict_whys.pop(k, None)
 
     def _on_query(self, rid: bytes, mem: _Member, m: dict) -> None:
         reports = self.hashes.get(m["sync"], {})

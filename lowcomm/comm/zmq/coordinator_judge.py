@@ -66,6 +66,12 @@ class Judge:
         self.offence_counts: dict[str, int] = {}  # identity -> offences so far
         self.offences: list[dict] = []  # the last 1024: member, key, op, kind, evidence, count
         self.audits_drawn = 0
+        self.verdict_whys: dict[tuple, str] = {}  # verdict key -> why it failed (as many entries as verdicts)
+
+    def _verdict_frame(self, key: tuple) -> bytes:
+        ok, lost = self.verdicts[key]
+        return encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok),
+                              why=self.verdict_whys.get(key, ""))
 
     def _refuse_ejected(self, rid: bytes, who: str) -> bool:
         if who not in self.ejected:
@@ -84,8 +90,7 @@ class Judge:
         mid, op, group = m["id"], m["op"], sorted(set(m["group"]))
         key = (op, ",".join(map(str, group)))
         if key in self.verdicts:
-            ok, lost = self.verdicts[key]
-            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost, mac=self._mac(*key, ok), why=""))
+            self._send(rid, self._verdict_frame(key))
             return
         v = self.votes.get(key)
         if v is None or mid not in v.group or v.audit is None:
