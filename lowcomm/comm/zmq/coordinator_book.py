@@ -182,7 +182,9 @@ class Bookkeeping:
                 "last_op": last_op if last_op >= 0 else None, "ops_committed": self.ops_committed,
                 "ops_failed": self.ops_failed, "last_sync_reported": max(self.hashes) if self.hashes else None,
                 "stale_or_dropped": len(self.dropped), "invalid_messages": self.dropped_invalid,
-                "rejected": dict(sorted(self.rejects.counts.items(), key=lambda kv: -kv[1])[:8])}
+                "rejected": dict(sorted(self.rejects.counts.items(), key=lambda kv: -kv[1])[:8]),
+                "audits": self.audits_drawn, "offences": {self.name(k): n for k, n in self.offence_counts.items()},
+                "ejected": sorted(self.name(k) for k in self.ejected)}
 
     def status_line(self) -> str:
         s = self.status()
@@ -193,5 +195,6 @@ class Bookkeeping:
                 f"last op {s['last_op']}, ops committed {s['ops_committed']}, failed {s['ops_failed']}; "
                 f"last sync with hashes {s['last_sync_reported']}; consecutive misses {{{misses}}} "
                 f"(dropped at {self.max_misses}); invalid or rejected messages {s['invalid_messages']}"
-                + (f" (by sender: {s['rejected']})" if s["rejected"] else ""))
+                + (f" (by sender: {s['rejected']})" if s["rejected"] else "")
+                + (f"; offences {s['offences']}, ejected {s['ejected']}" if s["offences"] else ""))
 
