@@ -64,7 +64,6 @@ buffer (2P fp32), and per sync the kept entries (about 1.5% of P) of every membe
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,14 +166,10 @@ class SparseLoCo(OuterOptimizer):
             pos, sent = codec.decode(payload, who="own payload")
             work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
         try:
-            gather = self.transport.all_gather
-            if "validate" in inspect.signature(gather).parameters:
-                # a transport that checks each member's payload before its commit vote (ZeroMQ): a
-                # malformed one then fails the sync on every member (rolled back) instead of raising after it
-                handle = gather(payload, validate=lambda parts, member: codec.decode(
-                    parts, who=f"member {member}'s payload"))
-            else:
-                handle = gather(payload)
+            # every member's payload is checked before the commit vote: a malformed one fails the
+            # sync on every member (rolled back, the sender named) instead of raising after it
+            handle = self.transport.all_gather(payload, validate=lambda parts, member: codec.decode(
+                parts, who=f"member {member}'s payload"))
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, [], self.local_step)
