@@ -141,8 +141,11 @@ class Judge:
         """Count the offences op ``key``'s votes and audit prove; the verdict (failed by any audit finding)."""
         op, why = key[0], []
         others = len(v.group) - 1
-        for s in v.group if self._opened(key, v) else ():
-            seen = [k for g, (offs, _, _) in sorted(v.reports.items()) if g != s for x, k in offs if x == s]
+        witnessed: dict[int, list[str]] = {}  # sender -> kinds its owners saw (one report per owner and sender)
+        for g, (offs, _, _) in sorted(v.reports.items()) if self._opened(key, v) else ():
+            for x, k in dict((x, k) for x, k in offs if x != g and x in v.group).items():
+                witnessed.setdefault(x, []).append(k)
+        for s, seen in sorted(witnessed.items()):
             if len(seen) >= 2 and 2 * len(seen) > others:
                 kind = max(sorted(set(seen)), key=seen.count)
                 self._offend(s, op, kind, f"{len(seen)} of the {others} other members' shards received its "
