@@ -186,6 +186,14 @@ class Transport(abc.ABC):
     """Optional capability: the process group of this member's replica (ranks that do ordinary data
     parallelism together, e.g. for ``DistributedDataParallel``); None where a member is one process."""
 
+    replica_ranks: list[int] | None = None
+    """Optional capability: the global torch.distributed ranks of this member's replica (the mesh that
+    FSDP2 may shard parameters over); None where the transport does not know them."""
+
+    hierarchical: bool = False
+    """Whether ``all_reduce`` assumes every rank of a replica holds the same tensors (syncing 1/R of them
+    per rank); sharded (FSDP) parameters need the flat path."""
+
     @property
     @abc.abstractmethod
     def rank(self) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..comm.base import CommError, Handle, Transport, check_transport
+from . import placement
 
 __all__ = ["OuterFactory", "OuterOptimizer", "PendingSync", "SyncRecord", "SyncUnit", "default_outer_optimizer"]
 
@@ -69,13 +70,17 @@ class SyncUnit:
     DiLoCo has one unit (the whole model); Streaming DiLoCo has one per fragment.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory | None, name: str = "all"):
+    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory | None, name: str = "all",
+                 anchor_device: torch.device | None = None):
         self.name = name
         self.params = list(params)
         if not self.params:
             raise ValueError(f"sync unit {name!r} has no parameters")
-        # Anchors are leaves of their own, so a stock torch optimizer can step them.
-        self.anchors = [p.detach().clone() for p in self.params]
+        # Anchors are leaves of their own, so a stock torch optimizer can step them. They are plain
+        # tensors of the local shard (see placement.py), on anchor_device when one is given.
+        self.offloaded = anchor_device is not None
+        self.anchors = [placement.anchor_copy(p, anchor_device) for p in self.locals]
+        self._scratch: list[torch.Tensor] | None = None
         factory = factory or default_outer_optimizer
         if not callable(factory):
             raise ValueError("outer_optimizer must be a callable taking an iterable of parameters and returning a "
@@ -96,10 +101,43 @@ class SyncUnit:
         for a in self.anchors:
             a.grad = None
 
+    @property
+    def locals(self) -> list[torch.Tensor]:
+        """The parameters as plain tensors (a DTensor's local shard), sharing their storage."""
+        return [placement.local_tensor(p) for p in self.params]
+
+    def _beside(self) -> list[torch.Tensor]:
+        if self._scratch is None:  # offloaded: one reused buffer beside the anchors
+            self._scratch = [placement.anchor_copy(a, a.device) for a in self.anchors]
+        return self._scratch
+
+    def working_copies(self) -> list[torch.Tensor]:
+        """The local weights where the anchors are: the parameters themselves, or (offloaded) a reused
+        buffer beside the anchors holding a copy. Either may be overwritten: the sync resets the locals."""
+        if not self.offloaded:
+            return self.locals
+        for s, p in zip(self._beside(), self.locals):
+            placement.copy_(s, p)
+        return self._scratch
+
+    @torch.no_grad()
+    def pseudo_grads(self) -> list[torch.Tensor]:
+        """Global minus local weights (points like a gradient), beside the anchors: in the local weights
+        themselves, or offloaded in a reused buffer, formed chunk by chunk."""
+        locs = self.locals
+        out = self._beside() if self.offloaded else locs
+        for o, p, a in zip(out, locs, self.anchors):
+            placement.pseudo_grad_(o, p, a)
+        return out
+
     @torch.no_grad()
     def reset_locals(self) -> None:
         """Local parameters := global parameters."""
-        torch._foreach_copy_(self.params, self.anchors)
+        if not self.offloaded:
+            torch._foreach_copy_(self.locals, self.anchors)
+            return
+        for p, a in zip(self.locals, self.anchors):
+            placement.copy_(p, a)
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchors": list(self.anchors), "outer": self.outer.state_dict()}
@@ -161,9 +199,14 @@ class OuterOptimizer(torch.optim.Optimizer):
     - :meth:`flush`: land a sync still in flight (call it after the last step).
     - :attr:`compute_guard`: a context-manager factory around the strategy's own compute outside
       the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
+    - :attr:`supports_sharding`: the strategy is exact on DTensor (FSDP2) shards, one shard per rank
+      (:mod:`.placement`); strategies without it raise ValueError at construction, with
+      :attr:`sharding_reason`.
     """
 
     shares_global_state: bool = False
+    supports_sharding: bool = False
+    sharding_reason: str = "it has not been shown exact on FSDP shards"
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
                  timeout: float | None = None):
@@ -189,6 +232,10 @@ class OuterOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears twice in the inner optimizer's param_groups")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.sharded = placement.check_sharded(params, self.transport, type(self).__name__, self.supports_sharding,
+                                               self.sharding_reason)
+        if self.sharded:
+            placement.check_inner_on_shards(inner)
         # torch's own initialisation (hook registries, step patching, ...). The param_groups, state
         # and defaults it assigns are properties forwarding to the inner optimizer (so schedulers and
         # hooks act on the inner groups, even after inner.load_state_dict); until ``self.inner`` is
@@ -278,7 +325,7 @@ class OuterOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def broadcast_initial(self, tensors: Sequence[torch.Tensor] | None = None) -> None:
         """Make every member start from the first member's parameters (one broadcast)."""
-        tensors = self.params if tensors is None else list(tensors)
+        tensors = [placement.local_tensor(p) for p in (self.params if tensors is None else tensors)]
         src = self.transport.members()[0]
         self.transport.broadcast(tensors, src=src).wait(self.timeout)
 
@@ -346,6 +393,8 @@ class OuterOptimizer(torch.optim.Optimizer):
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
         }
+        if self.sharded:  # each rank's state is its own shard: 1/replica_size of the model
+            sd["placement"] = {"replica_size": len(self.transport.replica_ranks)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -363,6 +412,14 @@ class OuterOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def check_placement(self, saved: dict[str, Any] | None) -> None:
+        """A ValueError unless ``saved`` (a state_dict's "placement") matches how this optimizer is sharded."""
+        mine = {"replica_size": len(self.transport.replica_ranks)} if self.sharded else None
+        if saved != mine:
+            what = lambda p: f"sharded over replicas of {p['replica_size']} ranks" if p else "not sharded"  # noqa: E731
+            raise ValueError(f"the state was saved {what(saved)}, this optimizer is {what(mine)}: each rank's state is "
+                             f"its own shard, so resume with the same replica size and parallelism")
+
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"inner", "units", "counters"} - set(state_dict)
         if missing:
@@ -371,6 +428,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         if len(state_dict["units"]) != len(self.units):
             raise ValueError(f"state has {len(state_dict['units'])} sync units, this optimizer has "
                              f"{len(self.units)}: build it with the same model and settings")
+        self.check_placement(state_dict.get("placement"))
         self.inner.load_state_dict(state_dict["inner"])
         for u, sd in zip(self.units, state_dict["units"]):
             u.load_state_dict(sd)

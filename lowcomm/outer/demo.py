@@ -126,6 +126,9 @@ class DeMo(OuterOptimizer):
         timeout: seconds an exchange may wait.
     """
 
+    sharding_reason = ("its DCT chunks and top-k selection are laid over whole tensors; on FSDP shards they would "
+                       "fall across shard boundaries and change the algorithm")
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, topk: int = 32, chunk: int = 64,
                  decay: float = 0.999, sign: bool = True, weight_decay: float = 0.0, values: str = "bf16",
                  strict: bool = False, timeout: float | None = None):

@@ -23,6 +23,7 @@ import torch
 from ..codecs import wire_codec
 from ..comm.base import Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "FedAvgConfig", "sgd_outer"]
@@ -41,22 +42,26 @@ class DiLoCo(OuterOptimizer):
         outer_optimizer: a factory ``params -> torch.optim.Optimizer`` for the global parameters,
             used instead of the SGD that ``outer_lr``/``outer_momentum``/``nesterov`` describe.
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
+        anchor_device: where the global weights and outer state live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; see :mod:`.placement`).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
     shares_global_state = True
+    supports_sharding = True  # elementwise: exact on each FSDP shard
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-                 outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
-                 timeout: float | None = None):
+                 outer_optimizer: OuterFactory | None = None, codec: Any = None, anchor_device: Any = None,
+                 strict: bool = False, timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.codec = wire_codec(codec)
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
+        device = resolve_anchor_device(anchor_device)
         self.broadcast_initial()
-        self.units = [SyncUnit(self.params, factory)]
+        self.units = [SyncUnit(self.params, factory, anchor_device=device)]
 
     def after_inner_step(self) -> None:
         if self.local_step % self.sync_every == 0:
@@ -66,10 +71,9 @@ class DiLoCo(OuterOptimizer):
     def sync(self) -> bool:
         """Average pseudo-gradients, step the global parameters, reset the locals. Returns success."""
         unit = self.units[0]
-        # theta := phi - theta, in place (Algorithm 1 line 11); the locals are reset afterwards anyway.
-        for p, a in zip(unit.params, unit.anchors):
-            p.neg_().add_(a)
-        pending = self.launch_reduce(unit, unit.params, codec=self.codec)
+        # theta := phi - theta, in place (Algorithm 1 line 11); the locals are reset afterwards anyway
+        # (offloaded: in a buffer beside the global weights).
+        pending = self.launch_reduce(unit, unit.pseudo_grads(), codec=self.codec)
         return self.finish(pending, self._apply)
 
     @staticmethod
@@ -98,10 +102,12 @@ class DiLoCoConfig(StrategyConfig):
     outer_momentum: float = 0.9  # outer SGD momentum
     nesterov: bool = True  # Nesterov outer momentum
     codec: str | None = None  # wire codec of the all-reduce (lowcomm.codecs spec); None: fp32
+    anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
 
     def build(self, inner, transport, model=None) -> DiLoCo:
         return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
-                      outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec)
+                      outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec,
+                      anchor_device=self.anchor_device)
 
 
 @dataclass
@@ -110,10 +116,11 @@ class FedAvgConfig(StrategyConfig):
 
     sync_every: int = 500  # H, inner steps between syncs
     codec: str | None = None  # wire codec of the all-reduce; None: fp32
+    anchor_device: str | None = None  # global weights: None (parameters' device) or "cpu"
 
     def build(self, inner, transport, model=None) -> DiLoCo:
         return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=1.0, outer_momentum=0.0,
-                      nesterov=False, codec=self.codec)
+                      nesterov=False, codec=self.codec, anchor_device=self.anchor_device)
 
 
 register_strategy("diloco", DiLoCoConfig, "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")

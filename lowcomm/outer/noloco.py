@@ -64,12 +64,13 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 
 __all__ = ["NoLoCo", "NoLoCoConfig", "noloco_groups"]
@@ -119,15 +120,19 @@ class NoLoCo(OuterOptimizer):
         nesterov: use Nesterov momentum in the stock SGD instead of heavy-ball.
         seed: shared seed of the group draws; must be equal on every worker.
         broadcast_initial: align every worker to the first member's weights at construction.
+        anchor_device: where the global weights and outer momentum live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; the exchanged copies are made there).
         strict: raise on a failed exchange instead of rolling back.
         timeout: seconds an exchange may wait.
     """
 
+    supports_sharding = True  # elementwise: exact on each FSDP shard (groups are drawn per replica)
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 50,
                  group_size: int = 2, outer_lr: float = 0.7, outer_momentum: float = 0.5,
                  consensus_lr: float | None = None, nesterov: bool = False, seed: int = 0,
-                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None,
-                 momentum: float | None = None):
+                 broadcast_initial: bool = True, anchor_device: Any = None, strict: bool = False,
+                 timeout: float | None = None, momentum: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         if momentum is not None:
             warnings.warn("NoLoCo(momentum=...) is deprecated; use outer_momentum=", DeprecationWarning, stacklevel=2)
@@ -148,11 +153,12 @@ class NoLoCo(OuterOptimizer):
             raise ValueError(f"seed must be an integer shared by every worker, got {seed!r}")
         self.seed = seed
         self.last_group: list[int] = []
+        device = resolve_anchor_device(anchor_device)
         if broadcast_initial:
             self.broadcast_initial()
         lr, mu, nest = self.outer_lr, self.outer_momentum, self.nesterov
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
-                                                                        nesterov=nest))]
+                                                                        nesterov=nest), anchor_device=device)]
 
     @property
     def sends_phi(self) -> bool:
@@ -194,13 +200,13 @@ class NoLoCo(OuterOptimizer):
         self.last_group = group
         # theta travels as is: group_reduce writes mean_G(theta) into the parameters only on
         # success, and the parameters are reset to phi afterwards either way.
-        buffers = list(unit.params)
         if self.sends_pseudo_grad:
             # theta := phi - theta in place (the sync resets theta anyway): the group averages
             # pseudo-gradients only, as DiLoCo does globally.
-            for p, a in zip(unit.params, unit.anchors):
-                p.neg_().add_(a)
-        elif self.sends_phi:
+            buffers = unit.pseudo_grads()
+        else:  # theta itself (offloaded: a copy beside phi)
+            buffers = list(unit.working_copies())
+        if self.sends_phi:
             buffers += [a.clone() for a in unit.anchors]
         try:
             handle = self.transport.group_reduce(group, buffers, op="mean")
@@ -212,7 +218,7 @@ class NoLoCo(OuterOptimizer):
     def _apply(self, pending: PendingSync) -> None:
         unit = pending.unit
         n = len(unit.params)
-        mean_theta = pending.buffers[:n]  # these are the parameters themselves
+        mean_theta = pending.buffers[:n]  # the parameters themselves, or their copies beside phi
         if self.sends_pseudo_grad:
             pass  # the buffers already hold mean_G(phi_j - theta_j), the gradient to step with
         elif self.sends_phi:
@@ -254,11 +260,12 @@ class NoLoCoConfig(StrategyConfig):
     consensus_lr: float | None = None  # gamma; None: outer_lr (only theta travels)
     nesterov: bool = False  # Nesterov instead of heavy-ball outer momentum
     seed: int = 0  # shared seed of the group draws (equal on every worker)
+    anchor_device: str | None = None  # global weights and outer momentum: None (parameters' device) or "cpu"
 
     def build(self, inner, transport, model=None) -> NoLoCo:
         return NoLoCo(inner, transport=transport, sync_every=self.sync_every, group_size=self.group_size,
                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, consensus_lr=self.consensus_lr,
-                      nesterov=self.nesterov, seed=self.seed)
+                      nesterov=self.nesterov, seed=self.seed, anchor_device=self.anchor_device)
 
 
 register_strategy("noloco", NoLoCoConfig,

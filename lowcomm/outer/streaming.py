@@ -48,6 +48,7 @@ from ..codecs import ErrorFeedback, wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .diloco import sgd_outer
+from .placement import mix_, resolve_anchor_device, sub_
 from .registry import StrategyConfig, register_strategy
 
 __all__ = ["StreamingDiLoCo", "StreamingDiLoCoConfig"]
@@ -74,17 +75,21 @@ class StreamingDiLoCo(OuterOptimizer):
             instead of that SGD.
         error_feedback: carry each fragment's quantization error into its next sync.
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
+        anchor_device: where the global weights, outer state, in-flight buffer and error feedback live
+            (None: the parameters' device; "cpu": CPU memory, pinned when CUDA is present).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
     shares_global_state = True
+    supports_sharding = True  # elementwise per fragment: exact on each FSDP shard
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, model: torch.nn.Module | None = None,
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
                  codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
-                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None):
+                 fragment_mode: str = "strided", anchor_device: Any = None, strict: bool = False,
+                 timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         from ..fragments import split_fragments
 
@@ -104,21 +109,22 @@ class StreamingDiLoCo(OuterOptimizer):
         self.codec = wire_codec(codec)
         self.broadcast_initial()
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
-        self.units = [SyncUnit(g, factory, name=f"fragment{i}") for i, g in enumerate(groups)]
-        sizes = [sum(p.numel() for p in g) for g in groups]
+        device = resolve_anchor_device(anchor_device)
+        self.units = [SyncUnit(g, factory, name=f"fragment{i}", anchor_device=device) for i, g in enumerate(groups)]
+        sizes = [sum(p.numel() for p in u.locals) for u in self.units]  # this rank's shard of each fragment
         self.fragment_sizes = sizes
-        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, on
-        # the parameters' device (fragments span one device: split_fragments groups the model's blocks).
-        dev = self.params[0].device
-        if any(q.device != dev for q in self.params):
+        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, beside
+        # the global weights (fragments span one device: split_fragments groups the model's blocks).
+        if len({q.device for u in self.units for q in u.locals}) > 1:
             raise ValueError("StreamingDiLoCo needs every parameter on one device (its in-flight buffer is shared)")
-        self._buf = torch.zeros(max(sizes), device=dev)
+        dev = self.units[0].anchors[0].device
+        self._buf = torch.zeros(max(max(sizes), 1), device=dev)
         self._ef: list[ErrorFeedback] | None = None
         if error_feedback:
             if self.codec is None:
                 raise ValueError("error_feedback needs a lossy codec (e.g. codec='e3m0'); with fp32 there is no error")
             self._ef = [ErrorFeedback(self.codec, n, device=dev) for n in sizes]
-            self._ef_pending = torch.zeros(max(sizes), device=dev)
+            self._ef_pending = torch.zeros(max(max(sizes), 1), device=dev)
         self._pending: PendingSync | None = None
         self._pending_fragment = -1
 
@@ -157,7 +163,7 @@ class StreamingDiLoCo(OuterOptimizer):
     # ---- one fragment sync ----------------------------------------------------------------------
     def _views(self, unit: SyncUnit) -> list[torch.Tensor]:
         out, off = [], 0
-        for p in unit.params:
+        for p in unit.locals:
             n = p.numel()
             out.append(self._buf[off:off + n].view(p.shape))
             off += n
@@ -170,8 +176,12 @@ class StreamingDiLoCo(OuterOptimizer):
         flat = self._buf[:n]
         views = self._views(unit)
         # Pseudo-gradient phi_p - theta_p (global minus local, points like a gradient), in fp32.
-        torch._foreach_copy_(views, unit.anchors)
-        torch._foreach_sub_(views, [q.to(torch.float32) if q.dtype != torch.float32 else q for q in unit.params])
+        if unit.offloaded:  # formed beside the global weights, chunk by chunk
+            for v, a, q in zip(views, unit.anchors, unit.locals):
+                sub_(v, a, q)
+        else:
+            torch._foreach_copy_(views, unit.anchors)
+            torch._foreach_sub_(views, [q.to(torch.float32) if q.dtype != torch.float32 else q for q in unit.locals])
         if self._ef is not None:
             ef = self._ef[p]
             ef.compensate_(flat)
@@ -193,10 +203,14 @@ class StreamingDiLoCo(OuterOptimizer):
         unit.outer_step(grads)
         if self.alpha == 0.0:
             unit.reset_locals()
+        elif unit.offloaded:  # the same merge on the local weights' device, chunk by chunk
+            for q, a in zip(unit.locals, unit.anchors):
+                mix_(q, a, self.alpha)
         else:
             # theta_p = alpha * theta_p + (1 - alpha) * phi_p (Algorithm 2's merge of the landed fragment)
-            torch._foreach_mul_(unit.params, self.alpha)
-            torch._foreach_add_(unit.params, unit.anchors, alpha=1.0 - self.alpha)
+            locs = unit.locals
+            torch._foreach_mul_(locs, self.alpha)
+            torch._foreach_add_(locs, unit.anchors, alpha=1.0 - self.alpha)
         if self._ef is not None:
             self._ef[p].commit()  # the error of what was sent becomes the carried error
 
@@ -267,12 +281,14 @@ class StreamingDiLoCoConfig(StrategyConfig):
     nesterov: bool = True  # Nesterov outer momentum
     error_feedback: bool = False  # carry each fragment's quantization error into its next sync
     fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
+    anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
 
     def build(self, inner, transport, model=None) -> StreamingDiLoCo:
         return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
                                fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
                                outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
-                               error_feedback=self.error_feedback, fragment_mode=self.fragment_mode)
+                               error_feedback=self.error_feedback, fragment_mode=self.fragment_mode,
+                               anchor_device=self.anchor_device)
 
 
 register_strategy("streaming", StreamingDiLoCoConfig,
