@@ -122,11 +122,45 @@ def main(out):
     hier = TorchDistTransport(2, timeout=60, hierarchical=True)
     res["hierarchical"] = refuses(lambda: build(hier, "diloco", "fsdp"))
     hier.close()
+    if len(sys.argv) > 2:
+        res.update(train_scenario(t, sys.argv[2], out))
     # every rank has finished (no stray collectives) before the transport goes
     dist.barrier()
     with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as fh:
         json.dump(res, fh)
     t.close()
+
+
+def train_scenario(t, corpus, out):
+    """lowcomm's own loop with parallel=fsdp: equal to parallel=ddp, and a checkpoint resume is bitwise."""
+    import shutil
+
+    from lowcomm.train import TrainConfig, train
+    from lowcomm.train_config import ModelConfig
+
+    # No clipping: under FSDP the global norm is summed shard by shard (another order, so the runs
+    # differ by rounding, which AdamW's first steps amplify to ~3e-5 relative in this test).
+    def cfg(parallel, out_dir, steps=8, grad_clip=0.0):
+        return TrainConfig(name="t", strategy="diloco", knobs={"sync_every": 3}, lr=2e-3, steps=steps,
+                           batch_size=4, model=ModelConfig(n_layer=2, n_embd=16, n_head=2, seq_len=8), data=corpus,
+                           eval_every=0, eval_sequences=4, checkpoint_every=4, keep_checkpoints=1, grad_clip=grad_clip,
+                           replica_size=2, parallel=parallel, out_dir=out_dir, tensorboard=False, device="cpu")
+
+    res = {}
+    a = train(cfg("fsdp", os.path.join(out, "fsdp")), transport=t, progress=None).params
+    b = train(cfg("ddp", os.path.join(out, "ddp")), transport=t, progress=None).params
+    res["train_rel_diff"] = rel_diff(a, b)
+    # resume from the step-4 checkpoint in a copy of the run folder
+    if dist.get_rank() == 0:
+        shutil.copytree(os.path.join(out, "fsdp", "checkpoints"), os.path.join(out, "resumed", "checkpoints"))
+        shutil.copy(os.path.join(out, "fsdp", "config.json"), os.path.join(out, "resumed", "config.json"))
+    dist.barrier()
+    c = train(cfg("fsdp", os.path.join(out, "resumed")), transport=t, resume=True, progress=None)
+    res["train_resumed_from"] = c.first_step
+    res["train_resume_bitwise"] = all(torch.equal(x, y) for x, y in zip(a, c.params))
+    res["train_resume_ddp"] = refuses(lambda: train(cfg("ddp", os.path.join(out, "resumed")), transport=t,
+                                                    resume=True, progress=None))
+    return res
 
 
 def train_run(t, name, parallel, steps):

@@ -22,10 +22,12 @@ def results(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("fsdp")
+    corpus = out / "text.txt"  # a small text corpus, loaded in milliseconds
+    corpus.write_bytes(b"".join(open(m.__file__, "rb").read() for m in (json, os, socket, subprocess)))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-addr",
                            "127.0.0.1", "--master-port", str(port), os.path.join(ROOT, "tests", "_fsdp_worker.py"),
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                           str(out), str(corpus)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.load(open(out / f"rank{r}.json")) for r in range(4)]
 
@@ -52,3 +54,12 @@ def test_state_dict_round_trip_resumes_bitwise(results):
 def test_configurations_lowcomm_cannot_serve_fail_at_construction(results, case, words):
     for res in results:
         assert words in res[case], res[case]
+
+
+def test_lowcomm_train_parallel_fsdp(results):
+    """lowcomm's own loop: parallel=fsdp equals parallel=ddp, a resume from its per-rank checkpoint is bitwise,
+    and resuming that run with parallel=ddp is a ValueError."""
+    for res in results:
+        assert res["train_rel_diff"] <= 1e-5, res["train_rel_diff"]
+        assert res["train_resumed_from"] == 4 and res["train_resume_bitwise"]
+        assert "parallel='fsdp'" in res["train_resume_ddp"]
