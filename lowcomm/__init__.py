@@ -7,6 +7,7 @@ Replace your optimizer with a lowcomm outer optimizer; nothing else in the loop 
 """
 
 from .comm import CommError, PeerLost, Transport, connect
+from .comm.aggregate import Aggregate
 from .comm.local import run_local
 from .outer import (
     DDP,
@@ -16,9 +17,12 @@ from .outer import (
     DiLoCo,
     DiLoCoConfig,
     FedAvgConfig,
+    MuLoCoConfig,
     NoLoCo,
     NoLoCoConfig,
     OuterOptimizer,
+    SparseLoCo,
+    SparseLoCoConfig,
     StrategyConfig,
     StreamingDiLoCo,
     StreamingDiLoCoConfig,
@@ -31,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DDP",
+    "Aggregate",
     "CommError",
     "DDPConfig",
     "DeMo",
@@ -38,10 +43,13 @@ __all__ = [
     "DiLoCo",
     "DiLoCoConfig",
     "FedAvgConfig",
+    "MuLoCoConfig",
     "NoLoCo",
     "NoLoCoConfig",
     "OuterOptimizer",
     "PeerLost",
+    "SparseLoCo",
+    "SparseLoCoConfig",
     "StrategyConfig",
     "StreamingDiLoCo",
     "StreamingDiLoCoConfig",

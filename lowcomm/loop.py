@@ -3,7 +3,7 @@
 - :func:`resolve_strategy`: a registered strategy's typed config from knobs (command line,
   recipe, the simulator's presets), and the inner optimizer and learning rate it runs with;
 - :func:`make_inner`: the one place an inner optimizer is built from its name
-  (:data:`INNER_OPTIMIZERS`; :func:`register_inner` adds one);
+  (:data:`INNER_OPTIMIZERS`: "adamw", "sgd", "muon" = Muon + AdamW; :func:`register_inner` adds one);
 - :func:`lr_factor` / :func:`lr_at`: the learning-rate schedule (linear warmup, then cosine or constant);
 - :func:`worker_step`: one inner step of one worker (forward/backward, clipping, ``opt.step()``);
 - :func:`evaluate` and :func:`eval_batches`: the held-out loss.
@@ -27,8 +27,9 @@ import torch
 from .outer.base import OuterOptimizer
 from .outer.registry import StrategyConfig, get_strategy
 
-__all__ = ["DEFAULT_INNER", "INNER_OPTIMIZERS", "INNER_KEYS", "StepResult", "StrategySetup", "eval_batches",
-           "evaluate", "lr_at", "lr_factor", "make_inner", "register_inner", "resolve_strategy", "worker_step"]
+__all__ = ["DEFAULT_INNER", "HEAD_NAMES", "INNER_OPTIMIZERS", "INNER_KEYS", "StepResult", "StrategySetup",
+           "eval_batches", "evaluate", "lr_at", "lr_factor", "make_inner", "muon_split", "register_inner",
+           "resolve_strategy", "worker_step"]
 
 DEFAULT_INNER = "adamw"
 """The inner optimizer when neither the run nor the strategy names one."""
@@ -36,7 +37,7 @@ DEFAULT_INNER = "adamw"
 INNER_KEYS = ("inner", "lr")
 """Knob names that configure the inner optimizer rather than the strategy."""
 
-InnerFactory = Callable[..., torch.optim.Optimizer]
+InnerFactory = Callable[..., torch.optim.Optimizer | list[torch.optim.Optimizer]]
 
 
 def _adamw(params: list[torch.Tensor], lr: float, *, weight_decay: float, betas: tuple[float, float]):
@@ -48,20 +49,71 @@ def _sgd(params: list[torch.Tensor], lr: float, *, weight_decay: float, betas: t
     return torch.optim.SGD(params, lr=lr)
 
 
-INNER_OPTIMIZERS: dict[str, InnerFactory] = {"adamw": _adamw, "sgd": _sgd}
-"""Inner optimizers by name: ``factory(params, lr, *, weight_decay, betas) -> torch.optim.Optimizer``."""
+HEAD_NAMES = ("head", "lm_head", "output")
+"""Module names of an output head: its 2-D weight goes to AdamW, not Muon."""
 
 
-def register_inner(name: str, factory: InnerFactory, replace: bool = False) -> None:
-    """Make ``factory(params, lr, *, weight_decay, betas)`` available as inner optimizer ``name``."""
+def muon_split(model: torch.nn.Module, params: Sequence[torch.Tensor] | None = None
+               ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """(named parameters for Muon, named parameters for AdamW) among ``params`` (default: every
+    trainable parameter of ``model``): Muon takes the 2-D hidden weights; AdamW the embeddings
+    (every ``nn.Embedding`` weight, so a head tied to one too), the weight of a module named as in
+    :data:`HEAD_NAMES`, and every parameter that is not 2-D (norms, biases)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    wanted = None if params is None else {id(p) for p in params}
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or (wanted is not None and id(p) not in wanted):
+            continue
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        hidden = p.ndim == 2 and id(p) not in embeddings and module not in HEAD_NAMES
+        (muon if hidden else adamw).append((name, p))
+    if wanted is not None and len(muon) + len(adamw) != len(wanted):
+        raise ValueError("inner='muon': some parameters given are not trainable parameters of the model")
+    return muon, adamw
+
+
+def _muon(params: list[torch.Tensor], lr: float, *, weight_decay: float, betas: tuple[float, float],
+          model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    # MuLoCo (arXiv 2505.23725): Muon for the hidden matrices, its update rescaled to AdamW's RMS
+    # ("match_rms_adamw") so one lr and one schedule fit both; AdamW for the rest.
+    hidden, rest = muon_split(model, params)
+    if not hidden:
+        raise ValueError("inner='muon': the model has no 2-D hidden weights for Muon; use inner='adamw'")
+    opts: list[torch.optim.Optimizer] = [torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay,
+                                                          adjust_lr_fn="match_rms_adamw")]
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=lr, betas=betas, weight_decay=weight_decay))
+    return opts
+
+
+INNER_OPTIMIZERS: dict[str, InnerFactory] = {"adamw": _adamw, "sgd": _sgd, "muon": _muon}
+"""Inner optimizers by name: ``factory(params, lr, *, weight_decay, betas) -> torch.optim.Optimizer``, or a
+list of optimizers over disjoint parameters (every strategy takes a list as ``inner``). "muon" is
+MuLoCo's split: ``[Muon, AdamW]`` over :func:`muon_split`."""
+
+_NEEDS_MODEL = {"muon"}
+
+
+def register_inner(name: str, factory: InnerFactory, replace: bool = False, needs_model: bool = False) -> None:
+    """Make ``factory(params, lr, *, weight_decay, betas)`` available as inner optimizer ``name``.
+
+    ``needs_model=True``: the factory is also given ``model=`` (e.g. to tell embeddings from hidden weights).
+    """
     if name in INNER_OPTIMIZERS and not replace:
         raise ValueError(f"inner optimizer {name!r} is already registered; pass replace=True to overwrite it")
     INNER_OPTIMIZERS[name] = factory
+    (_NEEDS_MODEL.add if needs_model else _NEEDS_MODEL.discard)(name)
 
 
 def make_inner(kind: str, params: Sequence[torch.Tensor], lr: float, *, weight_decay: float = 0.1,
-               betas: Sequence[float] = (0.9, 0.95)) -> torch.optim.Optimizer:
-    """The inner optimizer ``kind`` over ``params`` (the only place one is built from a name)."""
+               betas: Sequence[float] = (0.9, 0.95), model: torch.nn.Module | None = None
+               ) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    """The inner optimizer ``kind`` over ``params`` (the only place one is built from a name).
+
+    A factory registered with ``needs_model`` ("muon") also needs ``model``, the module the
+    parameters belong to.
+    """
     if kind not in INNER_OPTIMIZERS:
         raise ValueError(f"unknown inner optimizer {kind!r}; choose one of {', '.join(INNER_OPTIMIZERS)}")
     if not lr > 0:
@@ -69,6 +121,11 @@ def make_inner(kind: str, params: Sequence[torch.Tensor], lr: float, *, weight_d
     b = tuple(float(x) for x in betas)
     if len(b) != 2:
         raise ValueError(f"betas must be two numbers, got {betas!r}")
+    if kind in _NEEDS_MODEL:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"inner optimizer {kind!r} needs the model (make_inner(..., model=model)) to tell "
+                             f"hidden 2-D weights from embeddings and the head")
+        return INNER_OPTIMIZERS[kind](list(params), lr, weight_decay=weight_decay, betas=b, model=model)
     return INNER_OPTIMIZERS[kind](list(params), lr, weight_decay=weight_decay, betas=b)
 
 
@@ -85,7 +142,7 @@ class StrategySetup:
               betas: Sequence[float] = (0.9, 0.95)) -> OuterOptimizer:
         """The inner optimizer over ``model``'s trainable parameters, wrapped in the strategy."""
         inner = make_inner(self.inner, [p for p in model.parameters() if p.requires_grad], self.lr,
-                           weight_decay=weight_decay, betas=betas)
+                           weight_decay=weight_decay, betas=betas, model=model)
         opt = self.config.build(inner, transport, model)
         if not isinstance(opt, OuterOptimizer):
             raise ValueError(f"strategy {self.name!r} built a {type(opt).__name__}; a strategy must build a "

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .outer.placement import is_dtensor, localize, shard_inner_state, shard_like
+from .outer.placement import is_dtensor, localize, shard_inner_states, shard_like
 
 __all__ = ["PARALLEL", "check_same_layout", "checkpoint_name", "full_parameters", "full_state_dict", "load_state",
            "local_state", "wrap"]
@@ -73,7 +73,7 @@ def local_state(model: torch.nn.Module, opt: Any) -> dict[str, Any]:
 def load_state(model: torch.nn.Module, opt: Any, model_sd: dict[str, Any], opt_sd: dict[str, Any]) -> None:
     """Inverse of :func:`local_state`: shards wrapped back as the model's DTensors, then loaded."""
     model.load_state_dict(shard_like(model_sd, model.state_dict()))
-    opt.load_state_dict(dict(opt_sd, inner=shard_inner_state(opt_sd["inner"], opt.params)))
+    opt.load_state_dict(dict(opt_sd, inner=shard_inner_states(opt_sd["inner"], opt.inners)))
 
 
 def full_parameters(model: torch.nn.Module) -> list[torch.Tensor]:

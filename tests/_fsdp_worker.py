@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import lowcomm
 from lowcomm.comm.torchdist import TorchDistTransport
 from lowcomm.models import GPT, GPTConfig
-from lowcomm.outer.placement import localize, shard_inner_state, shard_like
+from lowcomm.outer.placement import localize, shard_inner_states, shard_like
 from lowcomm.outer.registry import get_strategy
 
 STEPS = 20
@@ -105,7 +105,7 @@ def main(out):
     straight = full(m)
     m2, f2, o2 = build(t, "streaming", "fsdp")
     m2.load_state_dict(shard_like(saved["model"], m2.state_dict()))
-    sd = dict(saved["opt"], inner=shard_inner_state(saved["opt"]["inner"], o2.params))
+    sd = dict(saved["opt"], inner=shard_inner_states(saved["opt"]["inner"], o2.inners))
     o2.load_state_dict(sd)
     train(t, m2, f2, o2, STEPS - 9)
     res["resume_bitwise"] = all(torch.equal(a, b) for a, b in zip(full(m2), straight))

@@ -93,6 +93,18 @@ def diloco_run(t, model, get_batch, tag, inner_cls=torch.optim.AdamW):
     return out
 
 
+def sparseloco_run(t, model, get_batch):
+    """SparseLoCo (2-bit top-3 of chunks of 4), H=3: all-gathers only, so gloo gives the local bits."""
+    opt = lowcomm.SparseLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, sync_every=H, topk=3,
+                             chunk=4, strict=True)
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = get_batch(step)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    return {"sparse/params": flat(model.parameters()), "sparse/error": opt._error.clone()}
+
+
 # ---- scenarios -----------------------------------------------------------------------------------
 
 
@@ -100,6 +112,7 @@ def scenario_two(t):
     """2 members: DiLoCo, all_gather of variable sizes, codecs, broadcast, bf16 sum."""
     r = t.rank
     out = diloco_run(t, make_model(), lambda step: batch(r, 0, step), "diloco")
+    out.update(sparseloco_run(t, make_model(), lambda step: batch(r, 0, step)))
     meta = {"ledger": ledger_rows(t.ledger)}
     payload = [torch.arange(r + 2, dtype=torch.float32) * (r + 1), torch.full((r + 1, 2), r, dtype=torch.int64)]
     got = t.all_gather(payload).wait(60)
@@ -118,6 +131,11 @@ def scenario_two(t):
     s = [torch.randn(33, generator=g).to(torch.bfloat16)]
     t.all_reduce(s, op="sum").wait(60)
     out["sum/bf16"] = s[0]
+    for rule, codec in (("clip", None), ("centered_clip", None), ("clip", "int8")):  # robust aggregation
+        x = [torch.randn(37, generator=g) * (1 + 5 * r), torch.randn(3, 5, generator=g).to(torch.bfloat16)]
+        center = [torch.full((37,), 0.5), torch.zeros(3, 5, dtype=torch.bfloat16)]
+        t.all_reduce(x, codec=codec, aggregate=rule, center=center if rule == "centered_clip" else None).wait(60)
+        out[f"robust/{rule}/{codec}/0"], out[f"robust/{rule}/{codec}/1"] = x
     meta["ledger_all"] = ledger_rows(t.ledger)
     return out, meta
 
@@ -191,7 +209,14 @@ def main(scenario, outdir):
         t = lowcomm.connect(timeout=60)
         out, meta = scenario_two(t)
         meta["repr"] = repr(t)
-        native_vs_p2p(t, TorchDistTransport(1, timeout=60, native_all_reduce=True), out, meta)
+        native = TorchDistTransport(1, timeout=60, native_all_reduce=True)
+        native_vs_p2p(t, native, out, meta)
+        for name, tr in (("native", native), ("hierarchical", TorchDistTransport(1, timeout=60, hierarchical=True))):
+            try:  # a robust rule where the transport cannot apply it: ValueError at construction, no collective
+                lowcomm.DiLoCo(torch.optim.SGD(make_model().parameters(), lr=0.1), transport=tr, aggregate="clip")
+                meta[f"{name}_robust"] = "accepted"
+            except ValueError as e:
+                meta[f"{name}_robust"] = str(e)
         save(outdir, rank, out, meta)
         # a member that stalls: rank 0 times out at its deadline, then rank 1 fails too
         meta["stall"] = stall_run(TorchDistTransport(1, timeout=3), rank, outdir)

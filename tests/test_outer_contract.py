@@ -16,7 +16,7 @@ def _model():
 
 def _build(name):
     m = _model()
-    knobs = {"sync_every": 2} if name in ("diloco", "noloco") else {}
+    knobs = {"sync_every": 2} if name in ("diloco", "noloco", "sparseloco") else {}
     if name == "streaming":
         m = torch.nn.Module()
         m.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
@@ -25,7 +25,7 @@ def _build(name):
     return m, get_strategy(name).build(inner, lowcomm.connect(), m, **knobs)
 
 
-@pytest.mark.parametrize("name", ["diloco", "streaming", "noloco", "demo", "ddp"])
+@pytest.mark.parametrize("name", ["diloco", "streaming", "noloco", "demo", "ddp", "sparseloco"])
 def test_every_kind_of_hook_runs(name):
     m, opt = _build(name)
     calls = []
@@ -108,6 +108,7 @@ def _run(name, knobs, steps, default_device=None):
     ("noloco", {"sync_every": 2}),
     ("demo", {"topk": 2, "chunk": 4, "values": "sign"}),
     ("ddp", {"codec": "bf16"}),
+    ("sparseloco", {"sync_every": 2, "topk": 2, "chunk": 4}),
 ])
 def test_strategy_allocates_on_its_parameters_device(name, knobs):
     ref, _ = _run(name, knobs, 5)

@@ -128,6 +128,8 @@ def test_collectives_bit_identical_to_local(two, two_local):
     assert got["gather/0/0"].tolist() == [0.0, 1.0] and got["gather/1/0"].tolist() == [0.0, 2.0, 4.0]
     assert got["gather/1/1"].shape == (2, 2) and got["gather/1/1"].dtype == torch.int64
     assert got["bcast/0"].tolist() == [1.0] * 4 and got["bcast/1"].tolist() == [1, 1]
+    # SparseLoCo over gloo: the local run's bits (checked above), the same on both members
+    assert torch.equal(two[0][0]["sparse/params"], two[1][0]["sparse/params"])
     # every member ends with the same bits, for the test codecs and lowcomm's own
     for name in ("test-bf16", "test-int8", "int8", "int4"):
         assert torch.equal(two[0][0][f"q/{name}/0"], two[1][0][f"q/{name}/0"])
@@ -214,6 +216,15 @@ def test_native_ring_all_reduce_matches_p2p(two, four):
             # the ledger holds the ring's framing of the fp32 buffer: 2 (W-1)/W of (37 + 15) * 4 bytes
             (kind, nbytes, _), = meta["native_ledger"]
             assert kind == "all_reduce" and nbytes == 2 * (w - 1) * 52 * 4 // w
+
+
+def test_robust_rules_refused_where_they_cannot_run(two):
+    for _, meta in two:
+        for name in ("native", "hierarchical"):
+            assert "cannot aggregate with 'clip'" in meta[f"{name}_robust"], meta[f"{name}_robust"]
+    # (the robust all-reduces of scenario_two are bit-identical to the local transport's:
+    # test_collectives_bit_identical_to_local compares every robust/ key too)
+    assert torch.equal(two[0][0]["robust/clip/int8/0"], two[1][0]["robust/clip/int8/0"])
 
 
 def test_stalled_member_times_out(two):

@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
+from .aggregate import RULES, Aggregate, get_aggregate, lower_median
+
 __all__ = [
+    "RULES",
+    "Aggregate",
     "ByteLedger",
     "CommError",
     "CommTimeout",
@@ -32,6 +36,8 @@ __all__ = [
     "PeerLost",
     "Transport",
     "check_transport",
+    "get_aggregate",
+    "lower_median",
     "tensor_nbytes",
 ]
 
@@ -213,12 +219,19 @@ class Transport(abc.ABC):
     def epoch(self) -> int:
         """A number that changes whenever membership changes."""
 
+    aggregate_rules: tuple[str, ...] = ("mean",)
+    """Capability: the rules ``all_reduce(aggregate=...)`` serves (:mod:`lowcomm.comm.aggregate`).
+    A transport that lists only ``"mean"`` need not accept the ``aggregate``/``center`` keywords;
+    strategies pass them only for another rule, after checking this at construction."""
+
     @abc.abstractmethod
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
         """Reduce ``tensors`` (in place) across all members; ``op`` is "mean" or "sum".
 
         With a codec, every contribution and the result pass through it (see
-        :mod:`lowcomm.codecs`); every member ends with identical bits.
+        :mod:`lowcomm.codecs`); every member ends with identical bits. A transport whose
+        :attr:`aggregate_rules` lists more than ``"mean"`` also takes ``aggregate=`` (a rule) and
+        ``center=`` (the previous aggregate, for ``"centered_clip"``).
         """
 
     @abc.abstractmethod
@@ -232,7 +245,10 @@ class Transport(abc.ABC):
     def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
         """Reduce ``tensors`` (in place) among the member ids in ``group`` only.
 
-        Only the members of ``group`` call it; others are not involved.
+        Only the members of ``group`` call it; others are not involved. The p2p transports also
+        take ``check=callable``: it receives every member's tensors as received
+        (``{member id: [flat tensor per dtype]}``) before the commit vote, and a ``CommError`` it
+        raises fails the exchange for the whole group (NoLoCo's partner screening uses it).
         """
 
     @abc.abstractmethod

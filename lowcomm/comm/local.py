@@ -11,6 +11,13 @@ broadcast included) after it has sent ``m`` messages of it. Survivors see
 :class:`~lowcomm.comm.base.PeerLost` naming it, roll back, and ``refresh()`` gives them the
 new membership. A ``Fault(..., stall=True)`` stops sending instead of dying, so survivors
 see a :class:`~lowcomm.comm.base.CommTimeout` at the deadline.
+
+Robust aggregation (simulation): the local transport serves every rule of
+:mod:`lowcomm.comm.aggregate`. ``LocalWorld(..., adversary=Adversary(...))`` makes the last K
+workers attackers (:mod:`lowcomm.comm.adversary`); offences found by screening are checked
+against the owners' received values by the world's :class:`~lowcomm.comm.adversary.OffenceBook`
+and a member with ``max_offences`` of them is ejected: from the next operation on it is no
+longer in anyone's :meth:`LocalTransport.members` (its own operations fail with ``PeerLost``).
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from typing import Any
 
 import torch
 
-from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, OpRecord, PeerLost, tensor_nbytes
+from .adversary import Adversary, OffenceBook
+from .aggregate import RULES
+from .audit import AuditBoard, run_audit
+from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, Handle, OpRecord, PeerLost, tensor_nbytes
 from .p2p import P2PTransport
 
 __all__ = ["Fault", "LocalTransport", "LocalWorld", "WorkerKilled", "run_local"]
@@ -49,11 +59,15 @@ class Fault:
 class LocalWorld:
     """Shared state of a group of local workers: mailboxes, liveness, commit votes."""
 
-    def __init__(self, world_size: int, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, world_size: int, timeout: float = DEFAULT_TIMEOUT, adversary: Adversary | None = None,
+                 max_offences: int = 3, audit: float = 0.0, seed: int = 0):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         self.timeout = timeout
+        self.adversary = adversary
+        self.book = OffenceBook(max_offences)
+        self.audits = AuditBoard(audit, seed)
         self._cv = threading.Condition()
         self._mail: dict[tuple, list[torch.Tensor]] = {}
         self._votes: dict[tuple, dict[int, bool]] = {}
@@ -122,6 +136,8 @@ class LocalWorld:
 class LocalTransport(P2PTransport):
     """One worker's view of a :class:`LocalWorld` (see the module docstring)."""
 
+    aggregate_rules = RULES
+
     def __init__(self, world: LocalWorld, rank: int, fault: Fault | None = None,
                  timeout: float | None = None):
         super().__init__(timeout or world.timeout)
@@ -144,11 +160,39 @@ class LocalTransport(P2PTransport):
         return self._epoch
 
     def members(self) -> list[int]:
-        return list(self._members)
+        ejected = self.world.book.ejected
+        return [m for m in self._members if m not in ejected]
 
     def refresh(self) -> None:
         self._members = sorted(self.world.alive)
         self._epoch = self.world.epoch
+
+    # ---- simulation hooks (attacks, offences) ----------------------------------------------
+    def _contribution(self, seq, members, flat):
+        adv = self.world.adversary
+        if adv is None:
+            return flat
+        return adv.contribution(seq, self.rank, members, flat, time.monotonic() + self.timeout)
+
+    def _owner_result(self, seq, result):
+        adv = self.world.adversary
+        return result if adv is None else adv.owner_result(self.rank, result)
+
+    def _on_screen(self, seq, members, screen, parts):
+        for i in screen.offences:
+            self.world.book.evidence(repr(seq), members[i], self.rank, parts[i], len(members), screen.bound)
+
+    def _auditing(self) -> bool:
+        return self.world.audits.probability > 0
+
+    def _audit(self, seq, rec, members, deadline, args):
+        run_audit(self, self.world.audits, self.world.book, seq, rec, members, *args, deadline)
+
+    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+        adv = self.world.adversary
+        if adv is not None:
+            payload = adv.gather_payload(self._seq, self.rank, list(payload))
+        return super().all_gather(payload)
 
     # ---- point to point ------------------------------------------------------------------
     def _on_op_start(self, seq: int) -> None:
@@ -183,8 +227,11 @@ class LocalTransport(P2PTransport):
 
 def run_local(world_size: int, fn: Callable[..., Any], *args: Any,
               faults: dict[int, Fault] | None = None, timeout: float = DEFAULT_TIMEOUT,
-              join_timeout: float | None = 3600.0, **kwargs: Any) -> list[Any]:
+              join_timeout: float | None = 3600.0, world: LocalWorld | None = None, **kwargs: Any) -> list[Any]:
     """Run ``fn(transport, *args, **kwargs)`` in ``world_size`` threads; results in rank order.
+
+    ``world``: a :class:`LocalWorld` of ``world_size`` built by the caller (e.g. with an
+    adversary); by default a fresh one with ``timeout``.
 
     The workers are threads: torch's global RNG is shared between them, so build models
     (or seed and draw) under a lock, or before calling, to get reproducible initial weights.
@@ -196,7 +243,10 @@ def run_local(world_size: int, fn: Callable[..., Any], *args: Any,
     for r in faults:
         if not 0 <= r < world_size:
             raise ValueError(f"fault for rank {r} but the world has ranks 0..{world_size - 1}")
-    world = LocalWorld(world_size, timeout)
+    if world is None:
+        world = LocalWorld(world_size, timeout)
+    elif world.world_size != world_size:
+        raise ValueError(f"world has {world.world_size} workers, run_local was asked for {world_size}")
     transports = [LocalTransport(world, r, faults.get(r)) for r in range(world_size)]
     results: list[Any] = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size

@@ -19,6 +19,10 @@ Summation order (what makes results bit-identical):
   member, the owner included, keeps ``decode(encode(result))``.
 * ``group_reduce`` sends the whole tensor to each other group member; each member sums in
   sorted member-id order in fp32, so the group agrees bit for bit.
+* ``all_reduce(..., aggregate=rule)`` with a rule other than ``"mean"`` flattens to fp32 and
+  runs :func:`lowcomm.comm.robust.robust_reduce` (the owner aggregates its shard with the rule;
+  see :mod:`lowcomm.comm.aggregate`). Concrete transports declare the rules they serve in
+  :attr:`P2PTransport.aggregate_rules`.
 
 Results are assembled in scratch buffers and written into the caller's tensors only after
 the commit round agrees that the operation succeeded everywhere, so a failed operation
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +41,7 @@ import torch
 
 from ..codecs import wire_codec
 from ..shards import shard_bounds
+from .aggregate import get_aggregate
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
 from .reduce import reduce_in_member_order
 
@@ -113,6 +118,25 @@ class P2PTransport(Transport):
     def _on_op_start(self, seq: int) -> None:  # noqa: B027 - hook for fault injection
         """Called in the communication thread when operation ``seq`` starts."""
 
+    # Hooks of the simulator (the local transport overrides them); identity / no-op here.
+    def _contribution(self, seq: Any, members: Sequence[int], flat: torch.Tensor) -> torch.Tensor:
+        """What this member contributes to an all-reduce of ``flat`` (simulated attackers change it)."""
+        return flat
+
+    def _owner_result(self, seq: Any, result: torch.Tensor) -> torch.Tensor:
+        """What this member, as the owner of a shard, returns for ``result`` (a simulated liar changes it)."""
+        return result
+
+    def _on_screen(self, seq: Any, members: Sequence[int], screen: Any, parts: list[torch.Tensor]) -> None:  # noqa: B027
+        """A robust rule screened this owner's shard (offences with the received pieces as evidence)."""
+
+    def _auditing(self) -> bool:
+        """Whether all-reduces keep what :meth:`_audit` needs (simulation of owner audits)."""
+        return False
+
+    def _audit(self, seq: Any, rec: OpRecord, members: Sequence[int], deadline: float, args: tuple) -> None:  # noqa: B027
+        """Audit an all-reduce before its commit vote (``args``: see :func:`lowcomm.comm.audit.run_audit`)."""
+
     # ---- plumbing ----------------------------------------------------------------------
     def _start(self, kind: str, participants: Sequence[int], body, tag: str = "") -> Handle:
         seq = self._seq
@@ -154,26 +178,64 @@ class P2PTransport(Transport):
         return members
 
     # ---- operations --------------------------------------------------------------------
-    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
+    aggregate_rules: tuple[str, ...] = ("mean",)
+    """Aggregation rules ``all_reduce(aggregate=...)`` serves (a transport that can, lists them all)."""
+
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None,
+                   aggregate: Any = None, center: Sequence[torch.Tensor] | None = None) -> Handle:
+        """See :meth:`Transport.all_reduce`; ``aggregate`` a rule (name, dict or
+        :class:`~lowcomm.comm.aggregate.Aggregate`), ``center`` the previous aggregate for
+        ``"centered_clip"`` (same shapes as ``tensors``; None = zero)."""
         _check_op(op)
         tensors = list(tensors)
         members = self._members_or_raise()
+        agg = get_aggregate(aggregate)
+        if agg.robust:
+            if agg.rule not in self.aggregate_rules:
+                raise ValueError(f"{type(self).__name__} cannot aggregate with {agg.rule!r} "
+                                 f"(it serves {self.aggregate_rules})")
+            if op != "mean":
+                raise ValueError(f"aggregate={agg.rule!r} needs op='mean', got {op!r}")
+            # (no check_world here: strategies check it at construction; when members are lost
+            # later, trimmed_mean's trim shrinks so that at least one value remains)
         codec = wire_codec(codec)
 
         def body(seq, rec, members, deadline):
             me = members.index(self.rank)
             w = len(members)
-            if codec is None:
+            if codec is None and not agg.robust:
                 flats = []
                 for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
-                    flat = _flatten(tensors, idxs, dtype)
+                    flat = self._contribution((seq, gi), members, _flatten(tensors, idxs, dtype))
+                    orig = flat.clone() if self._auditing() else None
                     self._reduce_scatter_gather(seq, rec, members, me, w, flat, op, deadline, gi)
+                    if orig is not None:
+                        from .audit import plain_audit
+
+                        self._audit((seq, gi), rec, members, deadline, plain_audit(orig, flat, w, op))
                     flats.append((flat, idxs))
 
                 return _write_back(flats, tensors)
             idxs = list(range(len(tensors)))
-            flat = _flatten(tensors, idxs, torch.float32)
-            self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
+            flat = self._contribution((seq, 0), members, _flatten(tensors, idxs, torch.float32))
+            orig = flat.clone() if self._auditing() else None
+            if agg.robust:
+                from .audit import robust_audit
+                from .robust import robust_reduce
+
+                c = None if center is None else _flatten(list(center), idxs, torch.float32)
+                mats = robust_reduce(self, seq, rec, members, me, flat, agg, codec, c, deadline,
+                                     shard_bounds(flat.numel(), w),
+                                     on_screen=lambda scr, parts: self._on_screen(seq, members, scr, parts),
+                                     owner_result=lambda r: self._owner_result(seq, r))
+                if orig is not None:
+                    self._audit((seq, 0), rec, members, deadline, robust_audit(orig, flat, w, agg, codec, c, mats))
+            else:
+                self._quantized_reduce(seq, rec, members, me, w, flat, op, codec, deadline)
+                if orig is not None:
+                    from .audit import plain_audit
+
+                    self._audit((seq, 0), rec, members, deadline, plain_audit(orig, flat, w, op, codec))
             return _write_back([(flat, idxs)], tensors)
 
         return self._start("all_reduce", members, body)
@@ -192,7 +254,7 @@ class P2PTransport(Transport):
                 if part.numel() != e - s:
                     raise CommError(f"shard from member {peer} has {part.numel()} elements, expected {e - s}")
                 yield part
-        mine = reduce_in_member_order(shards(), op).to(flat.dtype)
+        mine = self._owner_result(seq, reduce_in_member_order(shards(), op).to(flat.dtype))
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "ag", gi), [mine], rec)
@@ -218,7 +280,7 @@ class P2PTransport(Transport):
         s, e = bounds[me]
         decoded = (codec.decode(own_parts if j == me else self._recv(peer, (seq, "qrs"), deadline), e - s)
                    for j, peer in enumerate(members))
-        result = codec.encode(reduce_in_member_order(decoded, op))
+        result = codec.encode(self._owner_result(seq, reduce_in_member_order(decoded, op)))
         for j, peer in enumerate(members):
             if j != me:
                 self._send(peer, (seq, "qag"), result, rec)
@@ -241,7 +303,16 @@ class P2PTransport(Transport):
 
         return self._start("all_gather", members, body)
 
-    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
+    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean",
+                     check: Callable[[dict[int, list[torch.Tensor]]], None] | None = None) -> Handle:
+        """See :meth:`Transport.group_reduce`.
+
+        ``check(tensors_by_member)``, when given, is called inside the operation with every group
+        member's tensors as received (``{member id: [flat tensor per dtype group]}``, this member's
+        own included) before the commit vote; a :class:`CommError` it raises fails the exchange
+        for the whole group (every member rolls back), so it can reject a member (NoLoCo's partner
+        screening) and name it.
+        """
         _check_op(op)
         group = sorted(set(int(g) for g in group))
         if self.rank not in group:
@@ -251,8 +322,9 @@ class P2PTransport(Transport):
 
         def body(seq, rec, group, deadline):
             flats = []
+            received: dict[int, list[torch.Tensor]] = {peer: [] for peer in group}
             for gi, (dtype, idxs) in enumerate(_dtype_groups(tensors)):
-                flat = _flatten(tensors, idxs, dtype)
+                flat = self._contribution((seq, gi), group, _flatten(tensors, idxs, dtype))
                 for peer in group:
                     if peer != self.rank:
                         self._send(peer, (seq, "grp", gi), [flat], rec)
@@ -263,9 +335,11 @@ class P2PTransport(Transport):
                         if part.numel() != flat.numel():
                             raise CommError(f"group_reduce: member {peer} sent {part.numel()} elements, "
                                             f"expected {flat.numel()}")
+                        received[peer].append(part)
                         yield part
                 flats.append((reduce_in_member_order(contributions(), op).to(dtype), idxs))
-
+            if check is not None:
+                check(received)
             return _write_back(flats, tensors)
 
         return self._start("group_reduce", group, body)

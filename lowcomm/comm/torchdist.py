@@ -73,6 +73,7 @@ import torch.distributed as dist
 
 from ..codecs import wire_codec
 from ..shards import shard_bounds
+from .aggregate import RULES, get_aggregate
 from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, CommTimeout, Handle, PeerLost
 from .gloo_p2p import GlooP2P
 from .p2p import P2PTransport, _check_op, _dtype_groups, _flatten, _write_back
@@ -131,6 +132,9 @@ class TorchDistTransport(GlooP2P):
         self.native_all_reduce = bool(native_all_reduce)
         if self.hierarchical and self.native_all_reduce:
             raise ValueError("hierarchical=True and native_all_reduce=True do not combine; pick one")
+        # Robust rules run on the p2p path only (gloo's ring and the hierarchical sync never hold
+        # a whole shard's W contributions): a strategy asking for one fails at its construction.
+        self.aggregate_rules = ("mean",) if (self.hierarchical or self.native_all_reduce) else RULES
         td = datetime.timedelta(seconds=float(timeout))
         replica_ranks = [list(range(k * R, (k + 1) * R)) for k in range(n)]
         cross_ranks = [[k * R + r for k in range(n)] for r in range(R)]
@@ -243,10 +247,15 @@ class TorchDistTransport(GlooP2P):
         return Handle(fut, inner.record, inner._default_timeout)
 
     # ---- operations ------------------------------------------------------------------------------
-    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
+    def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None,
+                   aggregate: Any = None, center: Sequence[torch.Tensor] | None = None) -> Handle:
         self._check_usable()
         _check_op(op)
         tensors = list(tensors)
+        if aggregate is not None and get_aggregate(aggregate).robust:
+            if center is not None:
+                center = [c.detach().to("cpu") for c in center]
+            return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec, aggregate, center))
         if self.hierarchical and self.replica_size > 1:
             return self._staged(tensors, lambda ts: self._hierarchical_all_reduce(ts, op, codec))
         if self.native_all_reduce and wire_codec(codec) is None:
@@ -271,12 +280,13 @@ class TorchDistTransport(GlooP2P):
         inner._future.add_done_callback(done)
         return Handle(fut, inner.record, inner._default_timeout)
 
-    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean") -> Handle:
+    def group_reduce(self, group: Sequence[int], tensors: Sequence[torch.Tensor], op: str = "mean",
+                     check: Any = None) -> Handle:
         self._check_usable()
         bad = [g for g in group if not 0 <= int(g) < self.num_replicas]
         if bad:
             raise ValueError(f"group_reduce: {bad} are not members; members are replicas 0..{self.num_replicas - 1}")
-        return self._staged(list(tensors), lambda ts: P2PTransport.group_reduce(self, group, ts, op))
+        return self._staged(list(tensors), lambda ts: P2PTransport.group_reduce(self, group, ts, op, check))
 
     def broadcast(self, tensors: Sequence[torch.Tensor], src: int) -> Handle:
         self._check_usable()

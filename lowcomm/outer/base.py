@@ -1,10 +1,12 @@
 """OuterOptimizer: the machinery every low-communication strategy shares.
 
-An :class:`OuterOptimizer` wraps an inner ``torch.optim`` optimizer and *is* a
-``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizer's (so LR schedulers
-built on the wrapper drive the inner learning rate), ``step()`` runs the inner step and then
-whatever outer work the strategy has due, and ``state_dict()`` holds the inner state, the
-global (anchor) parameters, the outer optimizers' state and the counters.
+An :class:`OuterOptimizer` wraps an inner ``torch.optim`` optimizer, or a list of them over
+disjoint parameters (``inner=[muon, adamw]``, see :mod:`.multi`), and *is* a
+``torch.optim.Optimizer``: its ``param_groups`` are the inner optimizers' (concatenated, so one LR
+scheduler built on the wrapper drives every inner learning rate), ``step()`` runs the inner step(s)
+and then whatever outer work the strategy has due, and ``state_dict()`` holds the inner states
+(``"inner"``: a list, one per inner optimizer; a single-inner checkpoint's one state dict still
+loads), the global (anchor) parameters, the outer optimizers' state and the counters.
 
 A sync is two phases, :meth:`OuterOptimizer.launch_reduce` (start a non-blocking
 collective) and :meth:`OuterOptimizer.finish` (wait, then apply, or roll back), so a
@@ -32,6 +34,7 @@ import torch
 
 from ..comm.base import CommError, Handle, Transport, check_transport
 from . import placement
+from .multi import as_inner, inner_list, load_inner
 
 __all__ = ["OuterFactory", "OuterOptimizer", "PendingSync", "SyncRecord", "SyncUnit", "default_outer_optimizer"]
 
@@ -185,10 +188,16 @@ class OuterOptimizer(torch.optim.Optimizer):
     """Base class of lowcomm's strategies (see the module docstring).
 
     Args:
-        inner: the inner optimizer; every parameter must be floating point and require grad.
+        inner: the inner optimizer, or a list of them over disjoint parameters (e.g. Muon for the
+            2-D weights and AdamW for the rest); every parameter must be floating point and require grad.
         transport: a lowcomm transport (``lowcomm.connect()``, a local transport, ...).
         strict: raise on a failed sync instead of rolling back and going on.
         timeout: seconds a sync may wait (default: the transport's own deadline).
+        aggregate: how the members' contributions are combined: ``"mean"`` (default, exact),
+            ``"clip"``, ``"trimmed_mean"``, ``"centered_clip"``, a dict or an
+            :class:`~lowcomm.comm.aggregate.Aggregate` with its knobs (clip_ratio 3, trim 1,
+            iters 3, hard_bound 100); see :mod:`lowcomm.comm.aggregate`. A rule the transport
+            cannot serve raises ValueError here.
 
     Capabilities a training loop may rely on (declared here, overridden by the strategies that
     have them; loops never probe for attributes):
@@ -199,6 +208,8 @@ class OuterOptimizer(torch.optim.Optimizer):
     - :meth:`flush`: land a sync still in flight (call it after the last step).
     - :attr:`compute_guard`: a context-manager factory around the strategy's own compute outside
       the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
+    - :meth:`detections`: members this strategy itself screened out or rejected (robust
+      aggregation applied outside the transport: DeMo's decode, NoLoCo's partner screening).
     - :attr:`supports_sharding`: the strategy is exact on DTensor (FSDP2) shards, one shard per rank
       (:mod:`.placement`); strategies without it raise ValueError at construction, with
       :attr:`sharding_reason`.
@@ -208,8 +219,9 @@ class OuterOptimizer(torch.optim.Optimizer):
     supports_sharding: bool = False
     sharding_reason: str = "it has not been shown exact on FSDP shards"
 
-    def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, strict: bool = False,
-                 timeout: float | None = None):
+    def __init__(self, inner: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, transport: Transport,
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = None):
+        inner = as_inner(inner)
         if isinstance(inner, OuterOptimizer):
             raise ValueError("inner is already a lowcomm OuterOptimizer; wrap the plain torch optimizer instead")
         if not isinstance(inner, torch.optim.Optimizer):
@@ -235,13 +247,21 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sharded = placement.check_sharded(params, self.transport, type(self).__name__, self.supports_sharding,
                                                self.sharding_reason)
         if self.sharded:
-            placement.check_inner_on_shards(inner)
+            for opt in inner_list(inner):
+                placement.check_inner_on_shards(opt)
         # torch's own initialisation (hook registries, step patching, ...). The param_groups, state
         # and defaults it assigns are properties forwarding to the inner optimizer (so schedulers and
         # hooks act on the inner groups, even after inner.load_state_dict); until ``self.inner`` is
         # set those assignments are dropped, and the inner optimizer keeps its own.
         super().__init__(inner.param_groups, inner.defaults)
         self.inner = inner
+        self.aggregate = self.resolve_aggregate(aggregate)
+        if self.sharded and self.aggregate.robust:
+            raise ValueError("robust aggregation judges each member's contribution by its norm, but with FSDP each "
+                             "rank holds a shard and would judge its shard alone (another rule per shard); use "
+                             "aggregate='mean' with sharded parameters, or DistributedDataParallel inside the replica")
+        # centered_clip starts each sync from the previous committed aggregate of the same unit
+        self._centers: dict[str, list[torch.Tensor]] = {}
         self.strict = bool(strict)
         self.timeout = timeout
         self.local_step = 0  # inner steps taken
@@ -254,7 +274,7 @@ class OuterOptimizer(torch.optim.Optimizer):
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """The inner optimizer's param groups (shared, so LR schedulers drive the inner lr)."""
+        """The inner optimizers' param groups (shared, so LR schedulers drive the inner lrs)."""
         return self.inner.param_groups
 
     @param_groups.setter
@@ -280,6 +300,11 @@ class OuterOptimizer(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         if "inner" in self.__dict__:
             self.inner.defaults = value
+
+    @property
+    def inners(self) -> list[torch.optim.Optimizer]:
+        """The plain inner optimizers (one, or those of the list given as ``inner``)."""
+        return inner_list(self.inner)
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -321,6 +346,28 @@ class OuterOptimizer(torch.optim.Optimizer):
     def load_extra_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state_dict` saved."""
 
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        """Check ``aggregate=`` against the transport (strategies that apply rules elsewhere override)."""
+        from .robust import resolve_aggregate
+
+        return resolve_aggregate(self.transport, aggregate)
+
+    def detections(self) -> list[dict[str, Any]]:
+        """What this strategy screened out itself, oldest first: ``{"member", "kind", "step", ...}``
+        (the transport's own offences are counted by the transport)."""
+        return []
+
+    def reduce_kwargs(self, name: str) -> dict[str, Any]:
+        """The robust-aggregation keywords of ``all_reduce`` for the unit ``name`` (none for the mean)."""
+        if not self.aggregate.robust:
+            return {}
+        return {"aggregate": self.aggregate, "center": self._centers.get(name)}
+
+    def remember_center(self, name: str, result: Sequence[torch.Tensor]) -> None:
+        """After a committed all-reduce: its result is the next ``centered_clip`` start of ``name``."""
+        if self.aggregate.rule == "centered_clip":
+            self._centers[name] = [b.detach().clone() for b in result]
+
     # ---- shared machinery ------------------------------------------------------------------------
     @torch.no_grad()
     def broadcast_initial(self, tensors: Sequence[torch.Tensor] | None = None) -> None:
@@ -336,7 +383,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         failed handle, so :meth:`finish` rolls back the same way as for a failure in flight.
         """
         try:
-            handle = self.transport.all_reduce(buffers, op="mean", codec=codec)
+            handle = self.transport.all_reduce(buffers, op="mean", codec=codec, **self.reduce_kwargs(unit.name))
         except CommError as e:
             handle = Handle.failed(e)
         return PendingSync(unit, handle, buffers, self.local_step)
@@ -353,6 +400,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         except CommError as e:
             self.handle_failure(pending, e, rollback)
             return False
+        self.remember_center(pending.unit.name, pending.buffers)
         apply(pending)
         self.sync_count += 1
         self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
@@ -387,11 +435,12 @@ class OuterOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = {
-            "inner": self.inner.state_dict(),
+            "inner": [o.state_dict() for o in self.inners],
             "units": [u.state_dict() for u in self.units],
             "counters": {"local_step": self.local_step, "sync_count": self.sync_count,
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
+            **({"centers": {k: list(v) for k, v in self._centers.items()}} if self._centers else {}),
         }
         if self.sharded:  # each rank's state is its own shard: 1/replica_size of the model
             sd["placement"] = {"replica_size": len(self.transport.replica_ranks)}
@@ -429,7 +478,7 @@ class OuterOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state has {len(state_dict['units'])} sync units, this optimizer has "
                              f"{len(self.units)}: build it with the same model and settings")
         self.check_placement(state_dict.get("placement"))
-        self.inner.load_state_dict(state_dict["inner"])
+        load_inner(self.inners, state_dict["inner"])
         for u, sd in zip(self.units, state_dict["units"]):
             u.load_state_dict(sd)
         c = state_dict["counters"]
@@ -437,3 +486,4 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_count = int(c["sync_count"])
         self.failed_syncs = int(c.get("failed_syncs", 0))
         self.load_extra_state_dict(state_dict.get("extra", {}))
+        self._centers = {k: [t.detach().clone() for t in v] for k, v in state_dict.get("centers", {}).items()}

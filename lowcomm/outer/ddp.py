@@ -39,6 +39,9 @@ class DDP(OuterOptimizer):
         codec: optional wire codec for the all-reduce (None: fp32 as the gradients are).
         strict: raise on a failed all-reduce instead of skipping that step.
         timeout: seconds an all-reduce may wait.
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
 
     A failed all-reduce skips the step (the gradients are dropped, parameters unchanged,
     so the replicas stay identical), is logged and counted, and membership is refreshed.
@@ -47,8 +50,8 @@ class DDP(OuterOptimizer):
     sharding_reason = "inside a replica FSDP reduces the gradients itself; DDP across FSDP replicas is not implemented"
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
-                 strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.codec = wire_codec(codec)
         self.broadcast_initial()
 
@@ -65,7 +68,7 @@ class DDP(OuterOptimizer):
         grads = [p.grad for p in params]
         step = self.local_step + 1
         try:
-            handle = self.transport.all_reduce(grads, op="mean", codec=self.codec)
+            handle = self.transport.all_reduce(grads, op="mean", codec=self.codec, **self.reduce_kwargs("grads"))
         except CommError as e:  # could not even start (e.g. no longer a member): same path as a failure
             handle = Handle.failed(e)
         op_ids = [] if handle.op_id is None else [handle.op_id]
@@ -85,6 +88,7 @@ class DDP(OuterOptimizer):
             self.local_step = step
             return loss
         self.sync_count += 1
+        self.remember_center("grads", grads)
         self.sync_log.append(SyncRecord("grads", step, step, op_ids, True))
         self.inner.step()
         self.local_step = step
@@ -96,9 +100,10 @@ class DDPConfig(StrategyConfig):
     """The data-parallel baseline's knobs."""
 
     codec: str | None = None  # wire codec of the gradient all-reduce; None: fp32
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DDP:
-        return DDP(inner, transport=transport, codec=self.codec)
+        return DDP(inner, transport=transport, codec=self.codec, aggregate=self.aggregate)
 
 
 register_strategy("ddp", DDPConfig, "data parallel: all-reduce (mean) of gradients every step")

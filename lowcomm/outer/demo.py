@@ -52,6 +52,13 @@ momentum is built in a second buffer and only swapped in on success, and the par
 the inner optimizer are not touched. The failure is counted, logged and recorded in
 ``sync_log`` like any sync (or raised with ``strict=True``).
 
+Robust aggregation (``aggregate="clip"``): applied per sender at decode
+(:func:`lowcomm.outer.robust.sender_factors`): a sender whose values are non-finite or whose norm
+(of its sent values; the DCT is orthonormal, so this is the norm of what it sent in parameter
+space) is above ``hard_bound`` x the median is left out of every coefficient's mean; the others'
+values are scaled by ``min(1, clip_ratio * median / norm)`` before the mean. ``trimmed_mean`` and
+``centered_clip`` would need every sender's dense vector: ValueError.
+
 Compute accounting: DeMo's own work (momentum, DCT, top-k, error feedback before the
 exchange; decode and inverse DCT after it) runs inside ``opt.compute_guard()`` (a context
 manager factory, ``contextlib.nullcontext`` by default) and its seconds accumulate in
@@ -75,6 +82,7 @@ from ..comm.base import CommError, Handle, Transport
 from ..dct import ChunkedDCT, chunk_size
 from .base import OuterOptimizer, PendingSync, SyncRecord, check_float, check_int
 from .registry import StrategyConfig, register_strategy
+from .robust import resolve_aggregate, sender_factors
 
 __all__ = ["DeMo", "DeMoConfig", "index_dtype"]
 
@@ -124,6 +132,7 @@ class DeMo(OuterOptimizer):
             dtype) or "sign" (1 bit each plus a bf16 scale per chunk).
         strict: raise on a failed exchange instead of skipping the step.
         timeout: seconds an exchange may wait.
+        aggregate: ``"mean"`` (default) or ``"clip"``, applied per sender at decode.
     """
 
     sharding_reason = ("its DCT chunks and top-k selection are laid over whole tensors; on FSDP shards they would "
@@ -131,8 +140,8 @@ class DeMo(OuterOptimizer):
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, topk: int = 32, chunk: int = 64,
                  decay: float = 0.999, sign: bool = True, weight_decay: float = 0.0, values: str = "bf16",
-                 strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.topk = check_int("topk", topk, 1, "it is the number of DCT coefficients kept per chunk (paper: 32)")
         self.chunk = check_int("chunk", chunk, 1, "it is the target chunk edge (paper: 64)")
         self.decay = check_float("decay", decay, 0.0, 1.0)
@@ -154,13 +163,21 @@ class DeMo(OuterOptimizer):
         else:
             self._val_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "sign": torch.bfloat16}[values]
         self.timings = {"encode": 0.0, "decode": 0.0, "steps": 0}  # seconds of DeMo's own compute
+        self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
+        self.screened: list[tuple[int, int, str]] = []  # every screening: (step, member id, why)
         self.broadcast_initial()
         self._build(params)
 
+    def detections(self) -> list[dict[str, Any]]:
+        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
+
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="DeMo")
+
     # ---- setup ---------------------------------------------------------------------------------
     def _check_inner(self) -> None:
-        for i, g in enumerate(self.inner.param_groups):
-            if isinstance(self.inner, torch.optim.SGD):
+        for i, (inner, g) in enumerate((o, g) for o in self.inners for g in o.param_groups):
+            if isinstance(inner, torch.optim.SGD):
                 if g.get("momentum", 0) != 0:
                     raise ValueError(f"inner SGD group {i} has momentum={g['momentum']}; DeMo's delta is the "
                                      f"momentum: build torch.optim.SGD(params, lr=...) without momentum")
@@ -169,7 +186,7 @@ class DeMo(OuterOptimizer):
                                      f"own decoupled weight decay: pass weight_decay to DeMo and 0 to SGD")
             elif self.weight_decay != 0 and g.get("weight_decay", 0) != 0:
                 raise ValueError(f"both DeMo (weight_decay={self.weight_decay}) and the inner "
-                                 f"{type(self.inner).__name__} (group {i}: {g['weight_decay']}) decay the weights; "
+                                 f"{type(inner).__name__} (group {i}: {g['weight_decay']}) decay the weights; "
                                  f"set one of them to 0")
 
     def _build(self, params: list[torch.Tensor]) -> None:
@@ -402,11 +419,17 @@ class DeMo(OuterOptimizer):
         members = self.transport.members()
         self._acc.zero_()
         self._cnt.zero_()
-        for j, parts in enumerate(gathered):
-            idx, vals = self._parse(list(parts), members[j] if j < len(members) else j)
+        parsed = [self._parse(list(parts), members[j] if j < len(members) else j) for j, parts in enumerate(gathered)]
+        norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in parsed]
+        weights, self.last_offences = sender_factors(self.aggregate, norms)
+        self.screened += [(self.local_step, members[i] if i < len(members) else i, why)
+                          for i, why in self.last_offences.items()]
+        for (idx, vals), wt in zip(parsed, weights):
+            if wt == 0.0:  # screened out (non-finite or beyond the hard bound): in no coefficient's mean
+                continue
             # Positions are distinct within one payload, so each call adds at most once per coefficient:
             # the sums are formed in member order on any device.
-            self._acc.scatter_add_(0, idx, vals)
+            self._acc.scatter_add_(0, idx, vals if wt == 1.0 else vals * wt)
             self._cnt.scatter_add_(0, idx, self._ones)
         self._acc.div_(self._cnt.clamp_(min=1.0))
 
@@ -443,10 +466,11 @@ class DeMoConfig(StrategyConfig):
     sign: bool = True  # step with the sign of the decoded aggregate
     weight_decay: float = 0.0  # DeMo's decoupled weight decay (0 with an inner AdamW that decays)
     values: str = "bf16"  # wire type of the kept coefficients: bf16 | fp32 | param | sign
+    aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
 
     def build(self, inner, transport, model=None) -> DeMo:
         return DeMo(inner, transport=transport, topk=self.topk, chunk=self.chunk, decay=self.decay, sign=self.sign,
-                    weight_decay=self.weight_decay, values=self.values)
+                    weight_decay=self.weight_decay, values=self.values, aggregate=self.aggregate)
 
 
 register_strategy("demo", DeMoConfig,

@@ -16,7 +16,7 @@ in the local parameters, which the sync overwrites anyway, so it needs no buffer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +44,9 @@ class DiLoCo(OuterOptimizer):
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
         anchor_device: where the global weights and outer state live (None: the parameters' device;
             "cpu": CPU memory, pinned when CUDA is present; see :mod:`.placement`).
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
@@ -54,8 +57,8 @@ class DiLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, codec: Any = None, anchor_device: Any = None,
-                 strict: bool = False, timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
         self.codec = wire_codec(codec)
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
@@ -103,11 +106,12 @@ class DiLoCoConfig(StrategyConfig):
     nesterov: bool = True  # Nesterov outer momentum
     codec: str | None = None  # wire codec of the all-reduce (lowcomm.codecs spec); None: fp32
     anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
         return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
                       outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec,
-                      anchor_device=self.anchor_device)
+                      anchor_device=self.anchor_device, aggregate=self.aggregate)
 
 
 @dataclass
@@ -117,12 +121,26 @@ class FedAvgConfig(StrategyConfig):
     sync_every: int = 500  # H, inner steps between syncs
     codec: str | None = None  # wire codec of the all-reduce; None: fp32
     anchor_device: str | None = None  # global weights: None (parameters' device) or "cpu"
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
-        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=1.0, outer_momentum=0.0,
-                      nesterov=False, codec=self.codec, anchor_device=self.anchor_device)
+        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, aggregate=self.aggregate,
+                      outer_lr=1.0, outer_momentum=0.0, nesterov=False, codec=self.codec,
+                      anchor_device=self.anchor_device)
 
 
 register_strategy("diloco", DiLoCoConfig, "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")
 register_strategy("fedavg", FedAvgConfig, "FedAvg: DiLoCo with outer lr 1 and no momentum (plain model averaging)",
                   default_run=False)
+
+
+@dataclass
+class MuLoCoConfig(DiLoCoConfig):
+    """MuLoCo (arXiv 2505.23725): DiLoCo around Muon on the 2-D hidden weights and AdamW on the rest
+    (the ``"muon"`` inner optimizer of :mod:`lowcomm.loop`); the knobs are DiLoCo's."""
+
+    inner: ClassVar[str | None] = "muon"
+
+
+register_strategy("muloco", MuLoCoConfig, "MuLoCo: DiLoCo with Muon inner steps on the 2-D hidden weights "
+                  "(AdamW for the rest)", default_run=False)

@@ -50,6 +50,13 @@ Other groups are not affected. Each sync first calls ``transport.refresh()`` so 
 worker draws its groups over the same (current) member set; workers whose views disagree
 (a death not yet seen by everyone) fail that one exchange and roll back.
 
+**Partner screening** (``aggregate=`` any rule but ``"mean"``): a group of two has no majority,
+so instead of a coordinate-wise rule each worker rejects a partner whose tensors are farther from
+its own than ``clip_ratio`` (default 3) x the running median of the distances of the partners it
+accepted before (:class:`~lowcomm.outer.robust.PartnerScreen`; through
+``transport.group_reduce(..., check=...)``): the whole group's exchange fails, is rolled back
+like any failure, and the partner is named in the error (and in :meth:`NoLoCo.detections`).
+
 **Initial alignment.** By default the constructor broadcasts the first member's parameters
 once (as the other strategies do), so workers start from one model; it is the only
 operation that involves everyone and happens once. ``broadcast_initial=False`` skips it
@@ -61,6 +68,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,10 +76,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..comm.base import CommError, Handle, Transport
+from ..comm.base import RULES, CommError, Handle, Transport
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
+from .robust import PartnerScreen
 
 __all__ = ["NoLoCo", "NoLoCoConfig", "noloco_groups"]
 
@@ -122,6 +131,7 @@ class NoLoCo(OuterOptimizer):
         broadcast_initial: align every worker to the first member's weights at construction.
         anchor_device: where the global weights and outer momentum live (None: the parameters' device;
             "cpu": CPU memory, pinned when CUDA is present; the exchanged copies are made there).
+        aggregate: any rule but ``"mean"`` turns partner screening on (see the module docstring).
         strict: raise on a failed exchange instead of rolling back.
         timeout: seconds an exchange may wait.
     """
@@ -132,8 +142,9 @@ class NoLoCo(OuterOptimizer):
                  group_size: int = 2, outer_lr: float = 0.7, outer_momentum: float = 0.5,
                  consensus_lr: float | None = None, nesterov: bool = False, seed: int = 0,
                  broadcast_initial: bool = True, anchor_device: Any = None, strict: bool = False,
-                 timeout: float | None = None, momentum: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, momentum: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
+        self.partner_screen = PartnerScreen(self.aggregate.clip_ratio) if self.aggregate.robust else None
         if momentum is not None:
             warnings.warn("NoLoCo(momentum=...) is deprecated; use outer_momentum=", DeprecationWarning, stacklevel=2)
             outer_momentum = momentum
@@ -159,6 +170,16 @@ class NoLoCo(OuterOptimizer):
         lr, mu, nest = self.outer_lr, self.outer_momentum, self.nesterov
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
                                                                         nesterov=nest), anchor_device=device)]
+
+    def detections(self) -> list[dict[str, Any]]:
+        rejected = [] if self.partner_screen is None else self.partner_screen.rejected
+        return [{"member": m, "kind": "partner_rejected", "step": st, "detail": f"distance {d:.3g} > {lim:.3g}"}
+                for st, m, d, lim in rejected]
+
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        from .robust import resolve_aggregate
+
+        return resolve_aggregate(self.transport, aggregate, allowed=RULES, who="NoLoCo")
 
     @property
     def sends_phi(self) -> bool:
@@ -200,6 +221,11 @@ class NoLoCo(OuterOptimizer):
         self.last_group = group
         # theta travels as is: group_reduce writes mean_G(theta) into the parameters only on
         # success, and the parameters are reset to phi afterwards either way.
+        check = None
+        if self.partner_screen is not None:
+            moved = math.sqrt(sum(float((p.double() - a.double().to(p.device)).pow(2).sum())
+                                  for p, a in zip(unit.locals, unit.anchors)))
+            check = self.partner_screen.check(me, moved, self.local_step)
         if self.sends_pseudo_grad:
             # theta := phi - theta in place (the sync resets theta anyway): the group averages
             # pseudo-gradients only, as DiLoCo does globally.
@@ -209,7 +235,8 @@ class NoLoCo(OuterOptimizer):
         if self.sends_phi:
             buffers += [a.clone() for a in unit.anchors]
         try:
-            handle = self.transport.group_reduce(group, buffers, op="mean")
+            handle = (self.transport.group_reduce(group, buffers, op="mean") if check is None
+                      else self.transport.group_reduce(group, buffers, op="mean", check=check))
         except CommError as e:  # could not even start (e.g. no longer a member): roll back the same way
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, buffers, self.local_step)
@@ -261,11 +288,13 @@ class NoLoCoConfig(StrategyConfig):
     nesterov: bool = False  # Nesterov instead of heavy-ball outer momentum
     seed: int = 0  # shared seed of the group draws (equal on every worker)
     anchor_device: str | None = None  # global weights and outer momentum: None (parameters' device) or "cpu"
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> NoLoCo:
         return NoLoCo(inner, transport=transport, sync_every=self.sync_every, group_size=self.group_size,
                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, consensus_lr=self.consensus_lr,
-                      nesterov=self.nesterov, seed=self.seed, anchor_device=self.anchor_device)
+                      nesterov=self.nesterov, seed=self.seed, anchor_device=self.anchor_device,
+                      aggregate=self.aggregate)
 
 
 register_strategy("noloco", NoLoCoConfig,

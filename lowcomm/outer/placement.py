@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 __all__ = ["CHUNK", "anchor_copy", "check_sharded", "is_dtensor", "local_tensor", "localize", "resolve_anchor_device",
-           "shard_like"]
+           "shard_inner_states", "shard_like"]
 
 CHUNK = 1 << 22
-"""Elements per chunk when lowcomm's state and the parameters sit on different devices (16 MiB of fp32)."""
+"""Elements per chunk (16 MiB of fp32) when lowcomm's state is offloaded (``anchor_device`` given)."""
 
 
 def is_dtensor(t: Any) -> bool:
@@ -96,6 +96,15 @@ def shard_inner_state(sd: dict[str, Any], params: Sequence[torch.Tensor]) -> dic
                   for n, v in st.items()}
         state[k] = st
     return {**sd, "state": state}
+
+
+def shard_inner_states(saved: Any, inners: Sequence[torch.optim.Optimizer]) -> Any:
+    """:func:`shard_inner_state` for an outer optimizer's saved ``"inner"``: one state dict per inner optimizer
+    (a list), or the plain state dict of a single one."""
+    params = [[p for g in o.param_groups for p in g["params"]] for o in inners]
+    if isinstance(saved, (list, tuple)):
+        return [shard_inner_state(sd, ps) for sd, ps in zip(saved, params)]
+    return shard_inner_state(saved, params[0])
 
 
 def check_sharded(params: Sequence[torch.Tensor], transport: Any, strategy: str, supported: bool,

@@ -9,9 +9,10 @@ through :meth:`StrategyConfig.from_knobs`, which parses each value against its f
 type) and rejects unknown knobs with the list of known ones.
 
 Two class-level settings say which inner optimizer a strategy is meant to wrap: ``inner``
-(``"adamw"``, ``"sgd"``, ...; None: the loop's default) and ``lr`` (its learning rate; None: the
-loop's default). The simulator's own small-model settings (shorter H, ...) are not defaults
-of the strategy: they live in the simulator's preset table (:mod:`lowcomm.sim.presets`).
+(``"adamw"``, ``"sgd"``, ``"muon"``, ... as in :data:`lowcomm.loop.INNER_OPTIMIZERS`; None: the
+loop's default) and ``lr`` (its learning rate; None: the loop's default). The simulator's own
+small-model settings (shorter H, ...) are not defaults of the strategy: they live in the
+simulator's preset table (:mod:`lowcomm.sim.presets`).
 
 A strategy written outside lowcomm registers its config class the same way and then runs in
 ``lowcomm sim`` and ``lowcomm train``; the older form ``register_strategy(name, build_fn,

@@ -77,6 +77,9 @@ class StreamingDiLoCo(OuterOptimizer):
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
         anchor_device: where the global weights, outer state, in-flight buffer and error feedback live
             (None: the parameters' device; "cpu": CPU memory, pinned when CUDA is present).
+        aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
+            ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
+            :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
@@ -89,8 +92,8 @@ class StreamingDiLoCo(OuterOptimizer):
                  codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
                  fragment_mode: str = "strided", anchor_device: Any = None, strict: bool = False,
-                 timeout: float | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, aggregate: Any = "mean"):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         from ..fragments import split_fragments
 
         H = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between two syncs of a "
@@ -282,13 +285,14 @@ class StreamingDiLoCoConfig(StrategyConfig):
     error_feedback: bool = False  # carry each fragment's quantization error into its next sync
     fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
     anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
+    aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> StreamingDiLoCo:
         return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
                                fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
                                outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
                                error_feedback=self.error_feedback, fragment_mode=self.fragment_mode,
-                               anchor_device=self.anchor_device)
+                               anchor_device=self.anchor_device, aggregate=self.aggregate)
 
 
 register_strategy("streaming", StreamingDiLoCoConfig,

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from ..comm.adversary import ATTACKS
+from ..comm.aggregate import RULES
 from ..loop import INNER_KEYS
 from ..models import GPTConfig
 from ..outer.registry import get_strategy
@@ -75,6 +77,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also project wall-clock to a bigger model on a faster device "
                         "(default 1B parameters, 989 TFLOP/s at 0.4 MFU, 524288 tokens per step; "
                         "override with e.g. params=7e9,flops=989e12,mfu=0.4,tokens_per_step=1048576)")
+    p.add_argument("--attackers", type=int, default=0,
+                   help="K: the last K workers attack (with --attack; the held-out loss is the honest workers')")
+    p.add_argument("--attack", default=None, choices=ATTACKS,
+                   help="scale (x1e4), sign_flip (x-10), noise (100x the honest norm), alie (mean - z std of the "
+                        "honest contributions), lying_owner (a shard owner returns a wrong result)")
+    p.add_argument("--aggregate", default=None,
+                   help=f"aggregation rule for every strategy: {', '.join(RULES)} (default mean), with knobs as a "
+                        f"spec, e.g. clip:clip_ratio=2, trimmed_mean:trim=2, centered_clip:iters=5")
+    p.add_argument("--audit", type=float, default=0.1,
+                   help="with an attack: probability per all-reduce that two members recompute a shard (default 0.1)")
+    p.add_argument("--max-offences", type=_positive_int, default=3,
+                   help="offences after which a member is ejected (default 3)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -139,7 +153,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      seed=args.seed, data=args.data, vocab_size=args.vocab_size, eval_every=args.eval_every,
                      threads=args.threads, bandwidths=bws, latency=args.latency,
                      link_efficiency=args.link_efficiency, step_seconds=args.step_seconds,
-                     projection=_projection(args.projection))
+                     projection=_projection(args.projection), attackers=args.attackers, attack=args.attack,
+                     audit=args.audit, max_offences=args.max_offences)
 
 
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
@@ -199,9 +214,13 @@ def main(args: argparse.Namespace) -> int:
     knobs = parse_knobs(args.set)
     if args.sync_every is not None:
         knobs["sync_every"] = args.sync_every
+    if args.aggregate is not None:
+        knobs["aggregate"] = args.aggregate
     t0 = time.monotonic()
     print(f"lowcomm sim: {', '.join(names)} | {cfg.workers} workers x {cfg.steps} steps, batch {cfg.batch_size} "
-          f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'} | out: {args.out}", flush=True)
+          f"x {cfg.model.seq_len} tokens | data: {cfg.data or 'python stdlib source'}"
+          + (f" | attack: {cfg.attack} by the last {cfg.attackers}" if cfg.attack else "") + f" | out: {args.out}",
+          flush=True)
     progress = None if args.quiet else Progress([("all", len(names) * cfg.steps), ("strategy", cfg.steps)])
     try:
         runs = run(names, cfg, knobs, args.out, plot=not args.no_plot, progress=progress,

@@ -17,6 +17,7 @@ SIM_PRESETS: dict[str, dict[str, Any]] = {
     "diloco": {"sync_every": 50},
     "fedavg": {"sync_every": 50},
     "streaming": {"sync_every": 50},
+    "muloco": {"sync_every": 50},
     # lr 3e-3 was the best of {2e-3, 3e-3, 5e-3} for sign descent on the simulator's 300-step GPT run,
     # and decay 0.99 beat the paper's 0.999 there (a 0.999 momentum outlives such a short run); see
     # benchmarks/README.md.

@@ -45,12 +45,21 @@ def _rows(runs: Sequence[RunResult], bws: Sequence[str], util_bw: str) -> list[l
         rows.append([r.strategy, f"{r.final_eval_loss:.4f}", worst, f"{r.tokens:,}", format_bytes(r.bytes_sent),
                      format_bytes(r.peak_bytes), *[format_seconds(r.sim_seconds[b]) for b in bws],
                      f"{100 * r.utilisation[util_bw]:.0f}%"])
+        if _robust(runs):
+            rows[-1] += [f"{r.attack} x{r.attackers}" if r.attack else "none", r.aggregate, str(len(r.detections)),
+                         ",".join(str(e["member"]) for e in r.ejections) or "-"]
     return rows
 
 
-def _header(bws: Sequence[str], util_bw: str) -> list[str]:
+def _robust(runs: Sequence[RunResult]) -> bool:
+    """Whether the attack / rule / detections / ejected columns are shown (an attack or a rule but mean)."""
+    return any(r.attack or r.aggregate != "mean" for r in runs)
+
+
+def _header(bws: Sequence[str], util_bw: str, runs: Sequence[RunResult] = ()) -> list[str]:
     return ["strategy", "held-out loss", "worst worker", "tokens", "bytes/worker", "peak sync",
-            *[f"time@{b}" for b in bws], f"util@{util_bw}"]
+            *[f"time@{b}" for b in bws], f"util@{util_bw}",
+            *(["attack", "rule", "detections", "ejected"] if _robust(runs) else [])]
 
 
 def report_data(runs: Sequence[RunResult], cfg: SimConfig) -> dict[str, Any]:
@@ -65,7 +74,7 @@ def report_data(runs: Sequence[RunResult], cfg: SimConfig) -> dict[str, Any]:
         + (f", {runs[0].params:,}-parameter GPT" if runs else ""),
         summary=[("workers", cfg.workers), ("steps", cfg.steps), ("strategies", len(runs)),
                  ("seed", cfg.seed)],
-        tables=[{"id": "runs", "title": "Strategies", "columns": _header(bws, util_bw),
+        tables=[{"id": "runs", "title": "Strategies", "columns": _header(bws, util_bw, runs),
                  "rows": _rows(runs, bws, util_bw)}],
         charts=[{"id": "loss-tokens", "title": "held-out loss against tokens", "x": "tokens (all workers)",
                  "y": "nats/token", "log_x": False,
@@ -88,7 +97,7 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
         return "(no runs)"
     bws = list(runs[0].sim_seconds)
     util_bw = "100Mbit" if "100Mbit" in bws else bws[0]
-    out = [_grid(_header(bws, util_bw), _rows(runs, bws, util_bw)),
+    out = [_grid(_header(bws, util_bw, runs), _rows(runs, bws, util_bw)),
            f"({runs[0].workers} workers x {runs[0].steps} steps, {runs[0].params:,}-parameter GPT; loss in nats per "
            f"token; time = simulated wall-clock with "
            + ("measured compute" if getattr(cfg, "step_seconds", None) is None

@@ -12,6 +12,11 @@ evaluated on held-out text (for DiLoCo at a sync boundary this is the global mod
 NoLoCo, whose workers never agree exactly, it is their mean). At the end each worker is
 also evaluated alone when the workers differ, and the worst is reported.
 
+Attacks (``SimConfig.attackers`` K > 0 with ``attack``): the last K workers are attackers
+(:mod:`lowcomm.comm.adversary`); evaluations average and judge the W - K honest workers only,
+and the result records the attack, the aggregation rule, the offences detected and the members
+ejected (``LocalWorld``'s offence book; NoLoCo's rejected partners count as detections).
+
 Afterwards the simulated clock (:mod:`lowcomm.sim.clock`) places every communication in
 time from ``opt.sync_log`` (launch and finish steps, ledger op ids) and sizes it from the
 ledgers, at each bandwidth of the network model. A :class:`Projection` replays the same
@@ -32,7 +37,8 @@ from typing import Any
 
 import torch
 
-from ..comm.local import run_local
+from ..comm.adversary import ATTACKS, Adversary
+from ..comm.local import LocalWorld, run_local
 from ..data import Corpus, load_corpus
 from ..loop import INNER_KEYS, eval_batches, evaluate, lr_factor, resolve_strategy, worker_step
 from ..models import GPT, GPTConfig
@@ -115,6 +121,10 @@ class SimConfig:
     init_state: str | None = None  # safetensors file of model weights to start from (warm start)
     save_state: str | None = None  # write the final averaged model here (safetensors)
     timeout: float = 600.0  # seconds any collective or barrier may wait
+    attackers: int = 0  # K: the last K workers attack (see lowcomm.comm.adversary)
+    attack: str | None = None  # scale | sign_flip | noise | alie | lying_owner
+    max_offences: int = 3  # offences after which a member is ejected for the rest of the run
+    audit: float = 0.1  # probability per all-reduce that a shard is recomputed by two other members
     warmup: int | None = None  # deprecated spelling of warmup_steps (kept one release)
 
     def __post_init__(self) -> None:
@@ -134,6 +144,15 @@ class SimConfig:
             raise ValueError(f"step_seconds must be > 0 seconds (or None to measure), got {self.step_seconds!r}")
         if not self.bandwidths:
             raise ValueError("give at least one bandwidth to simulate")
+        if (self.attackers > 0) != (self.attack is not None):
+            raise ValueError("give both --attackers K (>= 1) and --attack NAME, or neither")
+        if self.attack is not None:
+            if self.attack not in ATTACKS:
+                raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+            if not 0 < self.attackers < self.workers:
+                raise ValueError(f"attackers must be in [1, {self.workers - 1}] (at least one honest worker)")
+        if not 0.0 <= self.audit <= 1.0:
+            raise ValueError(f"audit must be a probability in [0, 1], got {self.audit!r}")
         for b in self.bandwidths:
             Network(float(b), self.latency, self.link_efficiency)  # validates
 
@@ -166,6 +185,12 @@ class RunResult:
     curve: list[dict[str, float]]
     projection: dict[str, Any] | None = None
     real_seconds: float = 0.0
+    attack: str | None = None  # the simulated attack (None: every worker honest)
+    attackers: int = 0
+    aggregate: str = "mean"  # the aggregation rule
+    detections: list[dict[str, Any]] = field(default_factory=list)  # offences found (member, op, kind)
+    ejections: list[dict[str, Any]] = field(default_factory=list)  # members ejected (member, op)
+    audit: dict[str, Any] | None = None  # owner audits: ops, audits drawn, extra bytes, who was named at which op
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +254,10 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
     corpus = Corpus(data, mcfg.seq_len)
     held_out = eval_batches(corpus, cfg.batch_size, cfg.eval_sequences)
     W = cfg.workers
+    honest = W - cfg.attackers
+    world = LocalWorld(W, cfg.timeout, max_offences=cfg.max_offences, audit=cfg.audit if cfg.attack else 0.0,
+                       seed=cfg.seed,
+                       adversary=Adversary(cfg.attack, cfg.attackers, W, cfg.seed) if cfg.attack else None)
     shared = _Shared(cfg, W)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -245,7 +274,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
         shared.barrier.wait(cfg.timeout)
         if rank == 0:
             with shared.lock, torch.no_grad():
-                per_worker = shared.params
+                per_worker = shared.params[:honest]  # attackers' models are not judged
                 differ = False
                 sq, count = 0.0, 0
                 for i, p in enumerate(eval_params):
@@ -358,11 +387,21 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
             "op_step": op_step,
             "syncs": opt.sync_count,
             "failed": opt.failed_syncs,
+            "detections": [{**d, "by": rank} for d in opt.detections()],
+            "aggregate": opt.aggregate.rule,
         }
 
-    results = run_local(W, worker, timeout=cfg.timeout)
+    results = run_local(W, worker, timeout=cfg.timeout, world=world)
     real = time.monotonic() - t_start
-    return _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, real)
+    res = _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, real)
+    book = world.book.summary()
+    res.attack, res.attackers, res.aggregate = cfg.attack, cfg.attackers, results[0]["aggregate"]
+    # NoLoCo's rejections are each honest worker's own; DeMo's screenings are the same on every worker
+    res.detections = book["detections"] + [d for r in results[:honest] for d in r["detections"]
+                                           if d["kind"] == "partner_rejected" or d["by"] == 0]
+    res.ejections = book["ejections"]
+    res.audit = world.audits.summary() if world.audits.probability > 0 else None
+    return res
 
 
 def _op_bytes(results: list[dict[str, Any]]) -> list[list[int]]:
