@@ -115,6 +115,10 @@ def main(out):
     # What lowcomm cannot serve fails at construction.
     sharded = sharded_model(t)
     res["demo"] = refuses(lambda: get_strategy("demo").build(torch.optim.SGD(sharded.parameters(), lr=0.1), t, None))
+    res["sparseloco"] = refuses(lambda: get_strategy("sparseloco").build(
+        torch.optim.AdamW(sharded.parameters(), lr=0.1), t, None))
+    res["robust"] = refuses(lambda: lowcomm.DiLoCo(torch.optim.AdamW(sharded.parameters()), transport=t,
+                                                   aggregate="clip"))
     res["muon"] = refuses(lambda: lowcomm.DiLoCo(torch.optim.Muon(
         [p for p in sharded.blocks[0].parameters() if p.dim() == 2], lr=0.1), transport=t))
     world = DeviceMesh("cpu", list(range(dist.get_world_size())))

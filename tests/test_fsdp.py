@@ -49,7 +49,8 @@ def test_state_dict_round_trip_resumes_bitwise(results):
 
 
 @pytest.mark.parametrize("case,words", [
-    ("demo", "top-k"), ("muon", "orthogonalises"), ("mesh_mismatch", "sharded over global ranks [0, 1, 2, 3]"),
+    ("demo", "top-k"), ("sparseloco", "SparseLoCo does not accept DTensor"), ("robust", "robust aggregation"),
+    ("muon", "orthogonalises"), ("mesh_mismatch", "sharded over global ranks [0, 1, 2, 3]"),
     ("hierarchical", "hierarchical=True")])
 def test_configurations_lowcomm_cannot_serve_fail_at_construction(results, case, words):
     for res in results:

@@ -143,6 +143,7 @@ _OFFLOADABLE = [
     ("noloco", {"sync_every": 2}),
     ("noloco", {"sync_every": 2, "consensus_lr": 0.0}),
     ("noloco", {"sync_every": 2, "consensus_lr": 0.3}),
+    ("sparseloco", {"sync_every": 2, "topk": 3, "chunk": 4}),
 ]
 
 

@@ -63,6 +63,7 @@ import torch
 from ..comm.base import CommError, Handle, Transport
 from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 
 __all__ = ["SparseLoCo", "SparseLoCoConfig"]
@@ -81,15 +82,19 @@ class SparseLoCo(OuterOptimizer):
         chunk: target chunk edge (64: 64x64 blocks of 2-D weights).
         bins: quantisation levels of the kept values (4: 2 bits; 2, 16, or None for fp32).
         quant_range: width of the quantised range in standard deviations of the kept values (6).
+        anchor_device: where the global weights and error buffers live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; see :mod:`.placement`).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
     """
 
     shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
+    sharding_reason = ("its top-k chunks are laid over whole tensors; on FSDP shards they would fall across shard "
+                       "boundaries and change the algorithm")
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
-                 bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,
+                 bins: int | None = 4, quant_range: float = 6.0, anchor_device: Any = None, strict: bool = False,
                  timeout: float | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
         self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
@@ -108,12 +113,14 @@ class SparseLoCo(OuterOptimizer):
         dev = params[0].device
         if any(p.device != dev for p in params):
             raise ValueError("SparseLoCo needs every parameter on one device")
+        device = resolve_anchor_device(anchor_device)
+        dev = device or dev  # lowcomm's state (global weights, error buffers, codec) lives there
         self.codec = TopKCodec([p.shape for p in params], k=self.topk, chunk=self.chunk, bins=bins,
                                quant_range=quant_range, device=dev)
         self.broadcast_initial()
         # The outer optimizer of the unit is never stepped (the update is phi -= alpha * mean, applied
         # in the chunk layout); it is plain SGD with lr alpha, which is what that update is.
-        self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr))]
+        self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr), anchor_device=device)]
         self._error = torch.zeros(self.codec.numel, dtype=torch.float32, device=dev)
         self._work = torch.zeros_like(self._error)
 
@@ -135,9 +142,8 @@ class SparseLoCo(OuterOptimizer):
         """Compress, all-gather, decode, step ``phi``, reset the locals. Returns whether it committed."""
         unit, codec = self.units[0], self.codec
         with self.compute_guard():
-            for p, a in zip(unit.params, unit.anchors):  # theta := phi - theta (reset after the sync anyway)
-                p.neg_().add_(a)
-            work = codec.to_chunks(unit.params, self._work)  # Delta in the chunk layout ...
+            # theta := phi - theta (reset after the sync anyway; offloaded: beside phi)
+            work = codec.to_chunks(unit.pseudo_grads(), self._work)  # Delta in the chunk layout ...
             work.add_(self._error, alpha=self.decay)  # ... + beta * e: the new buffer, beside the old one
             try:
                 payload = codec.encode(work)
@@ -207,11 +213,12 @@ class SparseLoCoConfig(StrategyConfig):
     chunk: int = 64  # target chunk edge
     bins: int | None = 4  # quantisation levels of the kept values (4: 2 bits; None: fp32)
     quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
+    anchor_device: str | None = None  # global weights and error buffers: None (parameters' device) or "cpu"
 
     def build(self, inner, transport, model=None) -> SparseLoCo:
         return SparseLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
                           decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
-                          quant_range=self.quant_range)
+                          quant_range=self.quant_range, anchor_device=self.anchor_device)
 
 
 register_strategy("sparseloco", SparseLoCoConfig,
