@@ -167,7 +167,7 @@ def resolve_anchor_device(anchor_device: Any) -> torch.device | None:
 
 def anchor_copy(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     """A fresh copy of ``t`` on ``device`` (``t``'s own when None); CPU copies are pinned when CUDA is present."""
-    if device is None or device == t.device:
+    if device is None:
         return t.detach().clone()
     pin = device.type == "cpu" and torch.cuda.is_available()
     out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
