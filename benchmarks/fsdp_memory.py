@@ -6,7 +6,7 @@ for its own shard only, so it falls as 1/R. For each R this launches ``torchrun`
 ranks on CPU/gloo, builds the GPT sharded over each replica, wraps AdamW in each strategy, takes two
 inner steps (a sync after each) and counts the bytes of every tensor the strategy holds on every rank.
 
-    python benchmarks/fsdp_memory.py                       # R = 1, 2, 4; 2 replicas (16 processes at R=4)
+    python benchmarks/fsdp_memory.py                       # R = 1, 2, 4; 2 replicas (8 processes at R=4)
     python benchmarks/fsdp_memory.py --sizes 1,2 --replicas 1 --n-layer 2 --n-embd 32   # a smoke run
 """
 

@@ -29,7 +29,7 @@ def peer(coordinator: str, bind: str, numel: int, repeats: int, gap: float) -> N
 
     from lowcomm.comm.zmq import connect_zmq
 
-    t = connect_zmq(coordinator, bind=bind)
+    t = connect_zmq(coordinator, bind=bind, insecure=True)  # lab network: trusted, no CURVE
     try:
         x = torch.randn(numel)
         secs = []
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         coord = f"tcp://{lab.hub_addr}:5555"
         code = ("from lowcomm.comm.zmq import run_coordinator; "
                 f"run_coordinator('{coord}', min_peers={args.nodes}, heartbeat=2.0, heartbeat_timeout=60, "
-                "recovery=0)")
+                "recovery=0, insecure=True)")  # the lab network is trusted: no CURVE
         lab.popen("hub", [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs = [lab.popen(i, [sys.executable, os.path.abspath(__file__), "--peer", coord,
                                f"tcp://{lab.addr(i)}:7000", "--numel", str(args.numel), "--repeats",

@@ -100,9 +100,10 @@ def run_one(strategy: str, args, workdir: str) -> tuple[list[dict], dict]:
     out = os.path.join(workdir, strategy)
     with NetLab(args.peers, rate=args.rate, burst=args.burst, latency=args.tbf_latency) as lab:
         port = 5555
+        # The lab is a private network of namespaces (trusted), so no CURVE: lab addresses need insecure.
         coord_code = ("from lowcomm.comm.zmq import run_coordinator; "
                       f"run_coordinator('tcp://{lab.hub_addr}:{port}', min_peers={args.peers}, heartbeat=2.0, "
-                      "heartbeat_timeout=60, barrier_timeout=600, recovery=0)")
+                      "heartbeat_timeout=60, barrier_timeout=600, recovery=0, insecure=True)")
         lab.popen("hub", [sys.executable, "-c", coord_code], env=env, cwd=ROOT,
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2.0)
@@ -112,7 +113,8 @@ def run_one(strategy: str, args, workdir: str) -> tuple[list[dict], dict]:
         for i in range(args.peers):
             cmd = [sys.executable, "-m", "lowcomm.peer", "--coordinator", f"tcp://{lab.hub_addr}:{port}",
                    "--recipe", args.recipe, "--bind", f"tcp://{lab.addr(i)}:7000", "--out", os.path.join(out, str(i)),
-                   "--progress-timeout", "120"]
+                   "--progress-timeout", "120",
+                   "--insecure"]  # the lab's namespaces are a network we trust: no CURVE
             for s in sets:
                 cmd += ["--set", s]
             log = open(os.path.join(workdir, f"{strategy}-{i}.log"), "w")

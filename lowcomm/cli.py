@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("lowcomm.sim.cli", "simulate W workers per strategy on one machine: loss, bytes, wall-clock"),
     "train": ("lowcomm.train", "train with a recipe: standalone (a world of one) or under torchrun (replicas)"),
     "peer": ("lowcomm.peer", "join a volunteer run over ZeroMQ with a recipe; leaves cleanly on Ctrl+C"),
-    "coordinator": ("lowcomm.comm.zmq.coordinator", "run the membership coordinator of a ZeroMQ run"),
+    "coordinator": ("lowcomm.comm.zmq.coordinator_cli", "run the membership coordinator of a ZeroMQ run"),
     "keygen": ("lowcomm.comm.zmq.security", "write a CurveZMQ key pair (NAME.key public, NAME.key_secret private)"),
 }
 

@@ -44,6 +44,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--announce", default=None,
                     help="address others dial to reach this peer (default: the bound address; set it behind "
                          "port forwarding or when binding 0.0.0.0)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback --bind/--announce without CURVE (only on a network you trust)")
     ap.add_argument("--out", default=None, help="output folder (default: runs/<recipe name>/member_<id>)")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's number of steps")
     ap.add_argument("--progress-timeout", type=float, default=30.0,
@@ -89,7 +91,7 @@ def run_peer(args: Any, stop: threading.Event | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
     bind = args.bind
     announce = _announce_for(bind, args.announce)
-    kw: dict[str, Any] = {"progress_timeout": args.progress_timeout}
+    kw: dict[str, Any] = {"progress_timeout": args.progress_timeout, "insecure": args.insecure}
     if bind:
         kw["bind"] = bind
     if announce:

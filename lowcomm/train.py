@@ -1,8 +1,11 @@
 """The training loop shared by ``lowcomm train``, ``lowcomm peer`` and the recipes.
 
 One loop for every registered strategy (DiLoCo, Douillard et al. 2023, arXiv 2311.08105, and the
-others in :mod:`lowcomm.outer`): the strategy is built from the registry by name, wraps an
-AdamW (or SGD) inner optimizer, and the loop never knows which one it drives.
+others in :mod:`lowcomm.outer`): the strategy's typed config is built from the registry by name and
+wraps the inner optimizer :func:`lowcomm.loop.make_inner` builds; the loop never knows which one it
+drives. What it shares with the simulator (knobs, schedule, the worker step, evaluation) lives in
+:mod:`lowcomm.loop`; this module keeps the torchrun layout, checkpoints and logging, and the run's
+configuration lives in :mod:`lowcomm.train_config`.
 
 Worlds:
 

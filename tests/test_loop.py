@@ -35,3 +35,21 @@ def test_sim_and_train_agree(tmp_path, strategy, knobs):
     for k, v in train_params.items():  # tied embedding: saved as head.weight by one, tok_emb.weight by the other
         assert torch.equal(v, sim_params[k] if k in sim_params else sim_params["head.weight"]), k
     assert r.syncs == res.syncs
+
+
+def test_train_connects_as_main_does(monkeypatch):
+    """train() without a transport asks torchrun runs for the hierarchical sync when cfg.hierarchical (as main())."""
+    import lowcomm.comm
+    from lowcomm.train import _connect
+
+    seen = []
+    monkeypatch.setattr(lowcomm.comm, "connect", lambda *a, **k: seen.append((a, k)))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOWCOMM_COORDINATOR", raising=False)
+    _connect(TrainConfig(replica_size=2, hierarchical=True))
+    _connect(TrainConfig(replica_size=2, hierarchical=False))
+    assert seen == [((2,), {"hierarchical": True}), ((2,), {"hierarchical": False})]
+    monkeypatch.delenv("RANK")
+    _connect(TrainConfig())
+    assert seen[-1] == ((1,), {})

@@ -22,22 +22,24 @@ class Driven:
         kw.setdefault("recovery", 0.0)
         self.c = Coordinator("tcp://127.0.0.1:*", **kw)
         self.out: list[tuple[bytes, dict]] = []
+        self.rids: dict[int, bytes] = {}  # member id -> the routing id of its coordinator connection
         self.c._send = lambda rid, frame: self.out.append((rid, decode_control(frame)))
 
-    def send(self, rid: bytes, kind: str, **fields) -> list[dict]:
+    def send(self, conn: bytes, kind: str, **fields) -> list[dict]:
         n = len(self.out)
-        self.c.handle(rid, encode_control(kind, **fields))
+        self.c.handle(conn, encode_control(kind, **fields))
         return [m for _, m in self.out[n:]]
 
     def join(self, mid=None) -> int:
-        rid = b"p%d" % len(self.out)
-        ans = self.send(rid, "join", id=mid, addr=f"tcp://127.0.0.1:{7000 + (mid or 0)}", pub=None, active=False,
-                        next_op=0, verdicts=[])
+        rid = self.rids.get(mid, b"%016d" % len(self.out) + b"r")
+        ans = self.send(rid, "join", id=mid, addr=f"tcp://127.0.0.1:{7000 + (mid or 0)}", pub=None,
+                        rid=b"D" + rid[1:16], active=False, next_op=0, verdicts=[])
         assert ans[-1]["k"] == "welcome", ans
+        self.rids[ans[-1]["id"]] = rid
         return ans[-1]["id"]
 
     def ready(self, mid: int, op: int) -> list[dict]:
-        return self.send(b"m%d" % mid, "ready", id=mid, op=op)
+        return self.send(self.rids[mid], "ready", id=mid, op=op)
 
     def deadline(self) -> list[dict]:
         """Let the barrier deadline pass and release what is due."""
@@ -86,7 +88,7 @@ def test_miss_catch_up_reset_then_drop_and_rejoin(coord):
     assert late[-1]["k"] == "drop" and "miss 1 of 2" in late[-1]["reason"]
 
     # it catches up (snapshot fetched elsewhere) and activates from op 2, then takes part: count reset
-    assert d.send(b"m2", "activate", id=2, next_op=2)[-1]["k"] == "state"
+    assert d.send(d.rids[2], "activate", id=2, next_op=2)[-1]["k"] == "state"
     assert d.c.members[2].active and 2 not in d.c.dropped
     for m in ids:
         d.ready(m, 2)
@@ -97,7 +99,7 @@ def test_miss_catch_up_reset_then_drop_and_rejoin(coord):
     d.ready(1, 3)
     d.deadline()
     assert d.c.members[2].misses == 1
-    d.send(b"m2", "activate", id=2, next_op=4)
+    d.send(d.rids[2], "activate", id=2, next_op=4)
     d.ready(0, 4)
     d.ready(1, 4)
     d.deadline()
@@ -110,7 +112,7 @@ def test_miss_catch_up_reset_then_drop_and_rejoin(coord):
     # it joins again with its id: pending until it activates, then expected at the barriers again
     assert d.join(2) == 2
     assert not d.c.members[2].active and d.c.members[2].misses == 0
-    d.send(b"m2", "activate", id=2, next_op=5)
+    d.send(d.rids[2], "activate", id=2, next_op=5)
     for m in ids:
         d.ready(m, 5)
     assert d.c.released[5][0] == {0, 1, 2}

@@ -12,6 +12,7 @@ from lowcomm.comm.zmq.state import flatten_state, snapshot_hash, unflatten_state
 from lowcomm.comm.zmq.wire import (
     DTYPES,
     MAX_HEADER_BYTES,
+    VERSION,
     WireError,
     check_payload,
     decode_control,
@@ -34,14 +35,14 @@ def test_header_round_trip():
 
 
 def _hdr(**over):
-    h = {"v": 1, "k": "data", "s": 0, "e": 0, "o": 0, "t": "rs", "g": 0, "pi": 0, "np": 1, "d": "float32",
+    h = {"v": VERSION, "k": "data", "s": 0, "e": 0, "o": 0, "t": "rs", "g": 0, "pi": 0, "np": 1, "d": "float32",
          "sh": [4], "off": 0, "x": None}
     h.update(over)
     return msgpack.packb({k: v for k, v in h.items() if v is not ...})
 
 
 @pytest.mark.parametrize("over, msg", [
-    ({"v": 2}, "version"),
+    ({"v": 1}, "version"),
     ({"k": "pickle"}, "kind"),
     ({"d": "object"}, "not allowed"),
     ({"d": "float32", "sh": [1 << 40]}, "exceeds the limit"),
@@ -56,6 +57,8 @@ def _hdr(**over):
     ({"s": True}, "'s'"),
     ({"o": 1.5}, "'o'"),
     ({"x": 5}, "codec"),
+    ({"x": "pickle"}, "known codec"),
+    ({"x": "int4:block=64;rm -rf"}, "known codec"),
     ({"zz": 1}, "unknown field"),
     ({"e": ...}, "'e'"),
 ])
@@ -103,16 +106,27 @@ def test_fuzz_structured_headers_and_controls(fields):
 
 
 def test_control_round_trip_and_rejects():
-    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True)
+    raw = encode_control("done", id=1, op=7, group=[0, 1, 2], ok=True, why="")
     assert decode_control(raw)["group"] == [0, 1, 2]
     with pytest.raises(WireError, match="unexpected"):
         decode_control(raw, allowed=("hb",))
     with pytest.raises(WireError, match="fields"):
-        decode_control(msgpack.packb({"k": "done", "id": 1}))
+        decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1}))
     with pytest.raises(WireError, match="invalid"):
-        decode_control(msgpack.packb({"k": "done", "id": 1, "op": 7, "group": ["x"], "ok": True}))
+        decode_control(msgpack.packb({"v": VERSION, "k": "done", "id": 1, "op": 7, "group": ["x"], "ok": True,
+                                      "why": ""}))
+    with pytest.raises(WireError, match=f"speaks wire version 1, this process speaks version {VERSION}"):
+        decode_control(msgpack.packb({"v": 1, "k": "done", "id": 1, "op": 7, "group": [1], "ok": True}))
     with pytest.raises(ValueError, match="needs fields"):
         encode_control("done", id=1)
+
+
+def test_wire_codec_names_are_the_codecs():
+    from lowcomm.codecs import CODECS
+    from lowcomm.comm.zmq.wire import CODEC_NAMES
+
+    assert set(CODECS) == CODEC_NAMES  # add a codec there, add its name here
+    decode_header(_hdr(x="int4:block=64:scale=bf16"))
 
 
 def test_every_dtype_is_named_consistently():

@@ -72,6 +72,7 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -216,7 +217,7 @@ class DeMo(OuterOptimizer):
         big = max([sum(params[i].numel() for i in keys[kk]) for kk in order if kk[0] == 2], default=0)
         scratch = (torch.empty(big, dtype=f32, device=dev), torch.empty(big, dtype=f32, device=dev)) if big else None
         self._idx_groups: list[tuple[torch.dtype, int]] = []  # (dtype, number of indices), in wire order
-        base, chunk_of, nchunks = [], [], 0
+        base, chunk_of, span, nchunks = [], [], [], 0
         for kk in order:
             start = off
             for i in keys[kk]:
@@ -238,8 +239,10 @@ class DeMo(OuterOptimizer):
             # Flat position of coefficient (chunk r, index j) of this group in the model-wide vector.
             base.append((start + rows_ * plan.chunk_numel).repeat_interleave(k))
             chunk_of.append((nchunks + rows_).repeat_interleave(k))
+            span.append(torch.full((plan.num_chunks * k,), plan.chunk_numel, device=dev, dtype=torch.int64))
             nchunks += plan.num_chunks
         self._base = torch.cat(base)
+        self._span = torch.cat(span)  # each index on the wire must lie in [0, its chunk's size)
         self._chunk_of = torch.cat(chunk_of)  # for 1-bit values: the chunk (scale) of each value
         self._nvalues, self._nchunks = self._base.numel(), nchunks
         self._ones = torch.ones(self._nvalues, dtype=f32, device=dev)
@@ -370,7 +373,13 @@ class DeMo(OuterOptimizer):
         gidx_own = idx_own + self._base
 
         try:
-            handle = self.transport.all_gather(payload)
+            gather = self.transport.all_gather
+            if "validate" in inspect.signature(gather).parameters:
+                # a transport that can check each member's payload before the commit vote (ZeroMQ): a
+                # malformed one then fails the sync everywhere instead of diverging the peers after it
+                handle = gather(payload, validate=self._parse)
+            else:
+                handle = gather(payload)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(None, handle, [], self.local_step)  # DeMo keeps no global copy: no unit
@@ -401,7 +410,10 @@ class DeMo(OuterOptimizer):
                 raise ValueError(f"member {member} sent {t.numel()} indices of {t.dtype}, expected {n} of {dt}: "
                                  f"every worker must run DeMo with the same model, topk and chunk")
         dev = self._base.device
-        idx = torch.cat([t.to(device=dev, dtype=torch.int64) for t in parts[:nidx]]) + self._base
+        raw = torch.cat([t.to(device=dev, dtype=torch.int64) for t in parts[:nidx]])
+        if raw.numel() and (bool((raw < 0).any()) or bool((raw >= self._span).any())):
+            raise ValueError(f"member {member} sent coefficient indices outside their chunks")
+        idx = raw + self._base
         if self.values == "sign":
             packed, scales = parts[nidx].to(dev), parts[nidx + 1].to(dev)
             if packed.numel() != -(-self._nvalues // 8) or scales.numel() != self._nchunks:

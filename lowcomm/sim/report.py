@@ -100,7 +100,7 @@ def table(runs: Sequence[RunResult], cfg: SimConfig) -> str:
     out = [_grid(_header(bws, util_bw, runs), _rows(runs, bws, util_bw)),
            f"({runs[0].workers} workers x {runs[0].steps} steps, {runs[0].params:,}-parameter GPT; loss in nats per "
            f"token; time = simulated wall-clock with "
-           + ("measured compute" if getattr(cfg, "step_seconds", None) is None
+           + ("measured compute" if cfg.step_seconds is None
               else f"{cfg.step_seconds:g} s compute per step")
            + f" and {cfg.latency * 1e3:g} ms latency per round"
            + (f", links at {cfg.link_efficiency:.0%} of their rate" if cfg.link_efficiency != 1.0 else "")

@@ -5,7 +5,8 @@ See :mod:`lowcomm.comm.zmq.peer` (the transport), :mod:`lowcomm.comm.zmq.coordin
 :mod:`lowcomm.comm.zmq.security` (CurveZMQ keys and allowlists).
 """
 
-from .coordinator import Coordinator, run_coordinator
+from .coordinator import Coordinator
+from .coordinator_cli import run_coordinator
 from .peer import BadPayload, ZmqTransport, connect_zmq
 from .security import CurveConfig, generate_keypair, load_allowlist
 from .wire import WireError

@@ -33,65 +33,55 @@ frame (:mod:`lowcomm.comm.zmq.wire`). What it keeps:
 
 After a restart the coordinator waits ``recovery`` seconds (default 3 heartbeats) before
 it admits new peers or releases a barrier, so the members of the run can re-register first.
+
+**Identity.** Every message names the member it comes from; it counts only if it arrives over
+that member's connection: with CURVE, the connection's public key (ZAP's ``User-Id``) must be
+the key the member id was bound to at join; without CURVE, the connection's routing id must
+carry the random token the peer registered with. Bindings are kept in the state file, so no
+id can be taken over across restarts either. Anything else is dropped, counted per sender and
+logged at a bounded rate (:class:`~lowcomm.comm.zmq.security.Rejects`). A key holds one member
+id at a time. Verdicts carry a MAC under a secret of the coordinator's (kept in the state
+file), so a verdict re-reported after a restart is one this coordinator really gave. What a
+message can make the coordinator keep is bounded: at most ``max_members`` members, two open
+barriers and four open votes per member, groups no larger than the membership.
 """
 
 from __future__ import annotations
 
-import json
+import hmac
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 import zmq
 
-from .security import CurveConfig
-from .wire import WireError, decode_control, encode_control
+from .coordinator_book import STATE_VERSION, TOKEN_BYTES, Bookkeeping, _Barrier, _Member, _Vote
+from .security import CurveConfig, Rejects, check_insecure
+from .wire import MAX_MEMBERS, WireError, decode_control, encode_control
 
-__all__ = ["Coordinator", "run_coordinator"]
+__all__ = ["STATE_VERSION", "TOKEN_BYTES", "Coordinator"]
+
 
 log = logging.getLogger(__name__)
 
 PEER_KINDS = ("join", "hb", "leave", "ready", "done", "activate", "query")
 
 
-@dataclass
-class _Member:
-    id: int
-    addr: str
-    pub: str | None
-    last_seen: float
-    active: bool
-    activate_op: int = 0
-    misses: int = 0  # consecutive sync-start barriers this member missed
-
-
-@dataclass
-class _Barrier:
-    first: float
-    ready: dict[int, bytes] = field(default_factory=dict)  # member id -> routing id to answer
-
-
-@dataclass
-class _Vote:
-    first: float
-    group: list[int]
-    votes: dict[int, bool] = field(default_factory=dict)
-    reply_to: dict[int, bytes] = field(default_factory=dict)
-
-
-class Coordinator:
+class Coordinator(Bookkeeping):
     """See the module docstring. ``serve()`` runs until :meth:`stop` (or forever)."""
 
     def __init__(self, bind: str, *, min_peers: int = 1, heartbeat: float = 2.0,
                  heartbeat_timeout: float | None = None, barrier_timeout: float = 600.0,
                  recovery: float | None = None, state_file: str | None = None,
-                 curve: CurveConfig | None = None, max_members: int = 4096, max_misses: int = 3):
+                 curve: CurveConfig | None = None, max_members: int = 4096, max_misses: int = 3,
+                 insecure: bool = False, clock=time.monotonic):
         if not isinstance(bind, str) or "://" not in bind:
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://0.0.0.0:5555, got {bind!r}")
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
             raise ValueError(f"min_peers must be an integer >= 1, got {min_peers!r}")
+        if isinstance(max_members, bool) or not isinstance(max_members, int) or not 1 <= max_members <= MAX_MEMBERS:
+            raise ValueError(f"max_members must be an integer in [1, {MAX_MEMBERS}], got {max_members!r}")
+        check_insecure("coordinator", [bind], curve, insecure)
         if isinstance(max_misses, bool) or not isinstance(max_misses, int) or max_misses < 1:
             raise ValueError(f"max_misses must be an integer >= 1 (1 drops a peer at its first missed sync), "
                              f"got {max_misses!r}")
@@ -106,16 +96,17 @@ class Coordinator:
         self.state_file = state_file
         self.max_members = max_members
         self.max_misses = max_misses
-        stored_epoch, stored_next, stored_dropped = 0, 0, set()
-        if state_file and os.path.exists(state_file):
-            with open(state_file) as f:
-                st = json.load(f)
-            stored_epoch, stored_next = int(st.get("epoch", 0)), int(st.get("next_id", 0))
-            stored_dropped = {int(x) for x in st.get("dropped", [])}
-        self.epoch = max(stored_epoch + 1, int(time.time() * 1000))
-        self.next_id = stored_next
+        self.curve = curve
+        self._now = clock
+        st = self._load_state(state_file)
+        self.epoch = max(st["epoch"] + 1, int(time.time() * 1000))
+        self.next_id = st["next_id"]
+        # member id -> identity (CURVE key or token): who may speak for that id, across restarts
+        self.bindings: dict[int, str] = {int(k): v for k, v in st["bindings"].items()}
+        self._secret = bytes.fromhex(st["secret"])
+        self.rejects = Rejects(log)
         self.members: dict[int, _Member] = {}
-        self.dropped: set[int] = stored_dropped
+        self.dropped: set[int] = {int(x) for x in st["dropped"]}
         self.started = False
         self.barriers: dict[int, _Barrier] = {}
         self.released: dict[int, tuple[set[int], bytes]] = {}  # op -> (members, go frame)
@@ -129,7 +120,8 @@ class Coordinator:
         self._why: dict[int, str] = {}  # member id -> its last event, told to it when it comes back late
         self.ops_committed = 0
         self.ops_failed = 0
-        self._born = time.monotonic()
+        self._born = self._now()
+        self._reload = threading.Event()
         self._stop = threading.Event()
         self.ctx = zmq.Context()
         self._auth = None
@@ -145,117 +137,60 @@ class Coordinator:
         self._persist()
         log.info("coordinator bound at %s (epoch %d, min_peers %d)", self.endpoint, self.epoch, min_peers)
 
-    # ---- bookkeeping ------------------------------------------------------------------------------
-    def _persist(self) -> None:
-        if not self.state_file:
-            return
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"epoch": self.epoch, "next_id": self.next_id, "dropped": sorted(self.dropped)[-1024:]}, f)
-        os.replace(tmp, self.state_file)
-
-    def _bump(self, why: str) -> None:
-        self.epoch += 1
-        self._persist()
-        log.info("epoch %d: %s; active members %s", self.epoch, why, self.active_ids())
-
-    def active_ids(self) -> list[int]:
-        return sorted(m.id for m in self.members.values() if m.active)
-
-    def _member_list(self, ids=None) -> list[list]:
-        ids = self.active_ids() if ids is None else sorted(ids)
-        return [[i, self.members[i].addr, self.members[i].pub] for i in ids if i in self.members]
-
-    def _in_recovery(self) -> bool:
-        return time.monotonic() - self._born < self.recovery
-
-    def _drop(self, mid: int, why: str, event: str = "dropped") -> None:
-        m = self.members.pop(mid, None)
-        if m is None:
-            return
-        self.dropped.add(mid)
-        self._persist()
-        log.warning("dropped member %d (%s)", mid, why)
-        self._event(event, mid, None, m.misses, why)
-        if m.active:
-            self._bump(f"member {mid} left ({why})")
-
-    def _event(self, kind: str, mid: int, op: int | None, misses: int, reason: str) -> None:
-        self.events.append({"event": kind, "member": mid, "op": op, "misses": misses, "reason": reason})
-        del self.events[:-1024]
-        self._why[mid] = f"{kind}: {reason}"
-        if len(self._why) > 4096:
-            self._why.pop(next(iter(self._why)))
-
-    def _miss(self, mid: int, op: int) -> None:
-        """Member ``mid`` did not reach op ``op``'s barrier in time: count it, and drop it at the limit."""
-        m = self.members[mid]
-        m.misses += 1
-        if m.misses >= self.max_misses:
-            self._drop(mid, f"too slow: missed {m.misses} sync(s) in a row, the last op {op} "
-                            f"(barrier deadline {self.barrier_timeout:g}s, max_misses {self.max_misses})")
-            return
-        reason = (f"did not reach the start of op {op} within the barrier deadline ({self.barrier_timeout:g}s): "
-                  f"miss {m.misses} of {self.max_misses} before it is dropped; it catches up from a snapshot")
-        log.warning("member %d missed op %d: %s", mid, op, reason)
-        self._event("missed", mid, op, m.misses, reason)
-        # Its state no longer matches the run's: pending until it has fetched a snapshot. Kept in
-        # ``dropped`` (persisted) too, so that after a coordinator restart its re-registration
-        # cannot make it active again with stale state; activating removes it.
-        m.active = False
-        self.dropped.add(mid)
-        self._persist()
-        self._bump(f"member {mid} missed op {op}")
-
-    def _send(self, rid: bytes, frame: bytes) -> None:
-        try:
-            self.sock.send_multipart([rid, frame], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # peer gone or queue full: it will ask again
-            log.debug("could not answer %r: %s", rid, e)
-
-    def _state(self, known: bool) -> bytes:
-        return encode_control("state", epoch=self.epoch, members=self._member_list(), started=self.started,
-                              known=known, recovering=self._in_recovery())
-
     # ---- message handlers -------------------------------------------------------------------------
-    def _on_join(self, rid: bytes, m: dict) -> None:
-        now = time.monotonic()
+    def _on_join(self, rid: bytes, who: str, m: dict) -> None:
+        now = self._now()
         mid = m["id"]
-        if mid is not None and mid >= 0:
+        clash = [x.id for x in self.members.values() if x.rid == m["rid"] and x.who != who]
+        if clash:
+            self._reject(who, f"join with the data routing id of member {clash[0]}")
+            self._send(rid, encode_control("error", reason="that routing id is taken; use a fresh random one"))
+            return
+        if mid is not None:
             # A peer that had an id re-registers (after our restart, or after being dropped).
-            old = self.members.get(mid)
-            if old is not None and old.addr != m["addr"]:
+            bound = self.bindings.get(mid)
+            held = [x.id for x in self.members.values() if x.who == who and x.id != mid]
+            if (bound is not None and bound != who) or (bound is None and mid >= self.next_id) or held:
+                self._reject(who, f"join claiming member id {mid}, which is not bound to it")
                 self._send(rid, encode_control("error", reason=f"member id {mid} is held by another peer"))
                 return
-            for op, key, ok in m["verdicts"]:
-                k = (op, key)
-                if k not in self.verdicts:
-                    self.verdicts[k] = (ok, [])
+            for op, key, ok, mac in m["verdicts"]:
+                # Only verdicts this coordinator gave (before a restart) count: they carry its MAC.
+                if (op, key) not in self.verdicts and hmac.compare_digest(mac, self._mac(op, key, ok)):
+                    self.verdicts[(op, key)] = (ok, [])
+            old = self.members.get(mid)
             if old is None:
                 # A member this coordinator dropped comes back as pending: its state is stale and it
                 # must fetch a snapshot before it takes part again.
                 active = bool(m["active"]) and mid not in self.dropped
                 # activate_op 0: a re-registered member is expected at every barrier from now on.
-                self.members[mid] = _Member(mid, m["addr"], m["pub"], now, active, 0)
-                self.next_id = max(self.next_id, mid + 1)
+                self.members[mid] = _Member(mid, m["addr"], m["pub"], m["rid"], who, now, active, 0)
+                self.bindings[mid] = who
                 self._persist()
                 if active:
                     self.started = True
                     self._bump(f"member {mid} re-registered")
             else:
                 old.last_seen = now
+                old.addr, old.pub, old.rid = m["addr"], m["pub"], m["rid"]
+        elif any(x.who == who and x.rid == m["rid"] for x in self.members.values()):
+            # the same peer asking again (a resent join): the same answer
+            mid = next(x.id for x in self.members.values() if x.who == who and x.rid == m["rid"])
         else:
             if self._in_recovery():
                 # Until the run's members have had time to re-register, a fresh id could collide.
                 self._send(rid, encode_control("retry", reason="coordinator starting; try again shortly"))
                 return
+            for x in [x for x in self.members.values() if x.who == who]:
+                self._drop(x.id, "its key joined again as a new peer")  # one member id per identity
             if len(self.members) >= self.max_members:
                 self._send(rid, encode_control("error", reason="run is full"))
                 return
             mid = self.next_id
             self.next_id += 1
+            self.bindings[mid] = who
             self._persist()
-            self.members[mid] = _Member(mid, m["addr"], m["pub"], now, False)
+            self.members[mid] = _Member(mid, m["addr"], m["pub"], m["rid"], who, now, False)
             if not self.started:
                 waiting = [x for x in self.members.values() if not x.active]
                 if len(waiting) >= self.min_peers:
@@ -263,17 +198,13 @@ class Coordinator:
                         x.active, x.activate_op = True, 0
                     self.started = True
                     self._bump(f"run started with founding members {sorted(x.id for x in waiting)}")
-            log.info("peer %d joined from %s (%s)", mid, m["addr"], "active" if self.members[mid].active
-                     else "pending")
+            log.info("peer %d joined from %s as %s (%s)", mid, m["addr"], self.name(who),
+                     "active" if self.members[mid].active else "pending")
         self._send(rid, encode_control("welcome", id=mid, epoch=self.epoch, members=self._member_list(),
                                        started=self.started, min_peers=self.min_peers))
 
-    def _on_hb(self, rid: bytes, m: dict) -> None:
-        mem = self.members.get(m["id"])
-        if mem is None:
-            self._send(rid, self._state(False))
-            return
-        mem.last_seen = time.monotonic()
+    def _on_hb(self, rid: bytes, mem: _Member, m: dict) -> None:
+        mem.last_seen = self._now()
         for sync, h in m["hashes"]:
             self.hashes.setdefault(sync, {})[m["id"]] = h
         if len(self.hashes) > 256:
@@ -281,21 +212,17 @@ class Coordinator:
                 del self.hashes[k]
         self._send(rid, self._state(True))
 
-    def _on_leave(self, rid: bytes, m: dict) -> None:
+    def _on_leave(self, rid: bytes, mem: _Member, m: dict) -> None:
         self._drop(m["id"], "left", event="left")
         self._send(rid, self._state(False))
 
-    def _on_activate(self, rid: bytes, m: dict) -> None:
-        mem = self.members.get(m["id"])
-        if mem is None:
-            self._send(rid, encode_control("error", reason="unknown member; join first"))
-            return
+    def _on_activate(self, rid: bytes, mem: _Member, m: dict) -> None:
         op = m["next_op"]
         if any(o >= op for o in self.released) or any(o >= op for o in self.barriers):
             # The run already started that op without this peer: its snapshot is stale.
             self._send(rid, encode_control("drop", op=op, reason="stale snapshot: the run has moved on"))
             return
-        mem.last_seen = time.monotonic()
+        mem.last_seen = self._now()
         if not mem.active:
             mem.active, mem.activate_op = True, op
             self.dropped.discard(mem.id)
@@ -305,9 +232,8 @@ class Coordinator:
             self._bump(f"member {mem.id} activated from op {op}")
         self._send(rid, self._state(True))
 
-    def _on_ready(self, rid: bytes, m: dict) -> None:
+    def _on_ready(self, rid: bytes, mem: _Member, m: dict) -> None:
         mid, op = m["id"], m["op"]
-        mem = self.members.get(mid)
         if op in self.released:
             ids, go = self.released[op]
             if mid in ids:
@@ -316,18 +242,25 @@ class Coordinator:
                 why = self._why.get(mid, "you were not an active member")
                 self._send(rid, encode_control("drop", op=op, reason=f"the run started op {op} without you: {why}"))
             return
-        if mem is None or not mem.active:
+        if not mem.active:
             self._send(rid, encode_control("drop", op=op, reason="not an active member (dropped or not joined)"))
             return
-        mem.last_seen = time.monotonic()
-        b = self.barriers.setdefault(op, _Barrier(time.monotonic()))
+        if self.released and op < max(self.released):
+            self._send(rid, encode_control("drop", op=op, reason=f"op {op} is over"))
+            return
+        mine = [o for o, b in self.barriers.items() if mid in b.ready and o != op]
+        if len(mine) >= 2:
+            self._reject(mem.who, f"member {mid} is ready for a third op at once ({op}; open {mine})")
+            return
+        mem.last_seen = self._now()
+        b = self.barriers.setdefault(op, _Barrier(self._now()))
         b.ready[mid] = rid
         self._check_barriers()
 
     def _check_barriers(self) -> None:
         if self._in_recovery():
             return
-        now = time.monotonic()
+        now = self._now()
         for op in sorted(self.barriers):
             b = self.barriers[op]
             b.ready = {i: r for i, r in b.ready.items() if i in self.members and self.members[i].active}
@@ -354,25 +287,38 @@ class Coordinator:
             for k in sorted(self.released)[:-64]:
                 del self.released[k]
 
-    def _on_done(self, rid: bytes, m: dict) -> None:
+    def _on_done(self, rid: bytes, mem: _Member, m: dict) -> None:
         mid, op, group = m["id"], m["op"], sorted(set(m["group"]))
         key = (op, ",".join(map(str, group)))
+        bogus = None
         if mid not in group:
-            self._send(rid, encode_control("error", reason=f"member {mid} is not in the group it reports for"))
+            bogus = f"member {mid} is not in the group it reports for"
+        elif len(group) > self.max_members or any(g not in self.members and g not in self.bindings for g in group):
+            bogus = f"op {op}'s group {group[:8]} holds ids that are not members"
+        elif op in self.released and set(group) != self.released[op][0]:
+            bogus = f"op {op}'s group {group[:8]} is not the one the coordinator opened"
+        if bogus:
+            self._reject(mem.who, bogus)
+            self._send(rid, encode_control("error", reason=bogus))
             return
         if key in self.verdicts:
             ok, lost = self.verdicts[key]
-            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost))
+            self._send(rid, encode_control("verdict", op=op, ok=ok, lost=lost, mac=self._mac(*key, ok), why=""))
             return
-        v = self.votes.setdefault(key, _Vote(time.monotonic(), group))
+        if key not in self.votes and sum(mid in v.group for v in self.votes.values()) >= 4:
+            self._reject(mem.who, f"member {mid} votes on a fifth open op at once ({op})")
+            return
+        v = self.votes.setdefault(key, _Vote(self._now(), group))
         v.votes[mid] = bool(m["ok"])
+        if not m["ok"] and m["why"]:
+            v.whys[mid] = m["why"]
         v.reply_to[mid] = rid
         self._check_votes()
 
     def _check_votes(self) -> None:
         if self._in_recovery():
             return  # members may not have re-registered yet: "gone" would be premature
-        now = time.monotonic()
+        now = self._now()
         for key in list(self.votes):
             v = self.votes[key]
             # Left or dropped; a member that only missed a later op (pending) may still report.
@@ -393,7 +339,8 @@ class Coordinator:
                 self.ops_committed += 1
             else:
                 self.ops_failed += 1
-            frame = encode_control("verdict", op=key[0], ok=ok, lost=lost)
+            why = "; ".join(f"member {g} reports: {w}" for g, w in sorted(v.whys.items()))[:1024]
+            frame = encode_control("verdict", op=key[0], ok=ok, lost=lost, mac=self._mac(*key, ok), why=why)
             for rid in v.reply_to.values():
                 self._send(rid, frame)
             if not ok:
@@ -402,50 +349,69 @@ class Coordinator:
             for k in sorted(self.verdicts)[:-512]:
                 del self.verdicts[k]
 
-    def _on_query(self, rid: bytes, m: dict) -> None:
+    def _on_query(self, rid: bytes, mem: _Member, m: dict) -> None:
         reports = self.hashes.get(m["sync"], {})
         others = {i: h for i, h in reports.items() if i != m["id"]}
         values = set(others.values())
-        agreed = len(values) == 1 and len(others) >= min(2, max(1, len(self.active_ids())))
+        # agreement of at least two members other than the asker (one if that is all there is)
+        active_others = [i for i in self.active_ids() if i != m["id"]]
+        agreed = len(values) == 1 and len(others) >= min(2, max(1, len(active_others)))
         self._send(rid, encode_control("answer", sync=m["sync"], hash=next(iter(values)) if agreed else None,
                                        agreed=agreed))
 
-    # ---- what operators see -----------------------------------------------------------------------
-    def status(self) -> dict:
-        """Members and progress: what ``lowcomm coordinator`` prints every ``--status-every`` seconds."""
-        pending = sorted(m.id for m in self.members.values() if not m.active)
-        last_op = max([*self.released, -1])
-        return {"epoch": self.epoch, "started": self.started, "active": self.active_ids(), "pending": pending,
-                "misses": {m.id: m.misses for m in self.members.values() if m.misses},
-                "last_op": last_op if last_op >= 0 else None, "ops_committed": self.ops_committed,
-                "ops_failed": self.ops_failed, "last_sync_reported": max(self.hashes) if self.hashes else None,
-                "stale_or_dropped": len(self.dropped), "invalid_messages": self.dropped_invalid}
-
-    def status_line(self) -> str:
-        s = self.status()
-        if not s["started"]:
-            return f"waiting for {self.min_peers} peer(s) to start the run; joined: {s['pending']}"
-        misses = ", ".join(f"{k}: {v}" for k, v in sorted(s["misses"].items())) or "none"
-        return (f"epoch {s['epoch']}: {len(s['active'])} active {s['active']}, pending {s['pending']}; "
-                f"last op {s['last_op']}, ops committed {s['ops_committed']}, failed {s['ops_failed']}; "
-                f"last sync with hashes {s['last_sync_reported']}; consecutive misses {{{misses}}} "
-                f"(dropped at {self.max_misses}); invalid messages {s['invalid_messages']}")
-
     # ---- loop -------------------------------------------------------------------------------------
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self._now()
         for mid, mem in list(self.members.items()):
             if now - mem.last_seen > self.heartbeat_timeout:
                 self._drop(mid, f"no heartbeat for {self.heartbeat_timeout:g}s")
 
-    def handle(self, rid: bytes, frame: bytes) -> None:
+    def reload_allowlist(self) -> None:
+        """Re-read the CURVE allowlist (``lowcomm coordinator`` does on SIGHUP); eject members of removed keys."""
+        if self.curve is None:
+            return
+        removed = {k.decode() for k in self.curve.reload()}
+        for x in [x for x in self.members.values() if x.who in removed]:
+            self._drop(x.id, f"its key {self.name(x.who)} was removed from the allowlist")
+        log.info("allowlist re-read: %d keys, %d removed", len(self.curve.allowed), len(removed))
+
+    def identity(self, rid: bytes, frame: zmq.Frame | None) -> str:
+        """Who sent a message: the CURVE key of its connection, else the token of its routing id."""
+        if self.curve is not None:
+            return frame.get("User-Id") if frame is not None else ""
+        return (rid[:TOKEN_BYTES] if len(rid) == TOKEN_BYTES + 1 else rid).hex()
+
+    def handle(self, rid: bytes, frame: bytes, who: str | None = None) -> None:
+        """One control message from routing id ``rid`` sent by identity ``who`` (see :meth:`identity`)."""
+        who = self.identity(rid, None) if who is None else who
+        if self.curve is not None and who.encode() not in self.curve.allowed:
+            self._reject(who, "its key is not (or no longer) on the allowlist")
+            return
         try:
             m = decode_control(frame, PEER_KINDS)
         except WireError as e:
-            self.dropped_invalid += 1
-            log.warning("dropped an invalid message from %r: %s", rid, e)
+            self._reject(who, f"invalid message: {e}")
             return
-        getattr(self, "_on_" + m["k"])(rid, m)
+        if m["k"] == "join":
+            self._on_join(rid, who, m)
+            return
+        mem = self.members.get(m["id"])
+        if mem is None:
+            if self.bindings.get(m["id"], who) != who:
+                self._reject(who, f"{m['k']!r} claims member {m['id']}, which is bound to another identity")
+            elif m["k"] == "ready" and m["op"] in self.released:
+                why = self._why.get(m["id"], "you are not a member")
+                self._send(rid, encode_control("drop", op=m["op"], reason=f"the run started op {m['op']} without "
+                                                                          f"you: {why}"))
+            elif m["k"] in ("hb", "ready"):
+                self._send(rid, self._state(False))  # unknown (we restarted, or it was dropped): join again
+            elif m["k"] in ("activate", "query"):
+                self._send(rid, encode_control("error", reason="unknown member; join first"))
+            return
+        if mem.who != who:
+            self._reject(who, f"{m['k']!r} claims member {m['id']}, whose identity is {self.name(mem.who)}")
+            return
+        getattr(self, "_on_" + m["k"])(rid, mem, m)
 
     def serve(self, duration: float | None = None, status_every: float | None = None) -> None:
         """Answer peers until :meth:`stop` is called (or ``duration`` seconds pass).
@@ -454,30 +420,33 @@ class Coordinator:
         """
         if status_every is not None and not status_every > 0:
             raise ValueError(f"status_every must be > 0 seconds (or None for no status lines), got {status_every!r}")
-        end = None if duration is None else time.monotonic() + duration
-        next_status, last_line, last_print = time.monotonic(), None, 0.0
+        end = None if duration is None else self._now() + duration
+        next_status, last_line, last_print = self._now(), None, 0.0
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         tick = min(0.2, self.heartbeat / 4)
         try:
-            while not self._stop.is_set() and (end is None or time.monotonic() < end):
+            while not self._stop.is_set() and (end is None or self._now() < end):
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload_allowlist()
                 if poller.poll(int(tick * 1000)):
                     for _ in range(1000):
                         try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        rid = frames[0].bytes
+                        who = self.identity(rid, frames[-1])
                         if len(frames) != 2:
-                            self.dropped_invalid += 1
-                            log.warning("dropped a %d-frame message from %r (expected one control frame)",
-                                        len(frames) - 1, frames[0])
+                            self._reject(who, f"a {len(frames) - 1}-frame message (expected one control frame)")
                             continue
-                        self.handle(frames[0], frames[1])
+                        self.handle(rid, frames[1].bytes, who)
                 self._expire()
                 self._check_barriers()
                 self._check_votes()
                 if status_every:
-                    now = time.monotonic()
+                    now = self._now()
                     if now >= next_status:
                         line = self.status_line()
                         if line != last_line or now - last_print >= 6 * status_every:
@@ -490,6 +459,10 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """Ask :meth:`serve` to re-read the allowlist (safe from a signal handler)."""
+        self._reload.set()
+
     def close(self) -> None:
         if self._auth is not None:
             self._auth.stop()
@@ -497,48 +470,3 @@ class Coordinator:
         self.sock.close(0)
         self.ctx.term()
 
-
-def run_coordinator(bind: str, status_every: float | None = None, **kwargs) -> None:
-    """Run a coordinator in this process until interrupted (what ``lowcomm coordinator`` does)."""
-    c = Coordinator(bind, **kwargs)
-    print(f"lowcomm coordinator listening on {c.endpoint} (epoch {c.epoch})", flush=True)
-    try:
-        c.serve(status_every=status_every)
-    except KeyboardInterrupt:
-        pass
-
-
-def add_arguments(ap) -> None:
-    """Arguments of ``lowcomm coordinator``."""
-    ap.add_argument("--bind", required=True, help="where to listen, e.g. tcp://0.0.0.0:5555")
-    ap.add_argument("--min-peers", type=int, default=1, help="peers needed before the run starts")
-    ap.add_argument("--heartbeat", type=float, default=2.0, help="seconds between peer heartbeats")
-    ap.add_argument("--heartbeat-timeout", type=float, default=None,
-                    help="drop a peer silent for this long (default 5 heartbeats)")
-    ap.add_argument("--barrier-timeout", type=float, default=600.0,
-                    help="seconds the sync-start barrier waits for the slowest member before going on "
-                         "without it (it misses that sync); "
-                         "allow for the slowest expected compute between syncs")
-    ap.add_argument("--max-misses", type=int, default=3,
-                    help="consecutive missed syncs after which a slow peer is dropped (it may join again); "
-                         "below that a peer that missed a sync catches up from a snapshot")
-    ap.add_argument("--status-every", type=float, default=10.0,
-                    help="seconds between status lines (members and progress); 0 for none")
-    ap.add_argument("--state", default=None, help="file keeping the epoch and ids across coordinator restarts")
-    ap.add_argument("--curve-secret", default=None, help="the coordinator's .key_secret (from lowcomm keygen)")
-    ap.add_argument("--curve-allow", default=None, help="directory of allowed peers' public .key files")
-
-
-def main(args) -> int:
-    """Run ``lowcomm coordinator`` with parsed arguments."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    curve = None
-    if args.curve_secret or args.curve_allow:
-        if not (args.curve_secret and args.curve_allow):
-            raise ValueError("CURVE needs both --curve-secret and --curve-allow")
-        curve = CurveConfig(args.curve_secret, args.curve_allow)
-    run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
-                    heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
-                    max_misses=args.max_misses, state_file=args.state, curve=curve,
-                    status_every=None if args.status_every == 0 else args.status_every)
-    return 0

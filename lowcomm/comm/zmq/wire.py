@@ -20,7 +20,8 @@ the sender's routing id as frame 0 on receipt, which is not part of the format):
   ``d``   dtype of the part, one of :data:`DTYPES` (names, never objects)
   ``sh``  shape of the part, a list of at most 8 non-negative ints
   ``off`` byte offset of this chunk inside the part, a multiple of the element size
-  ``x``   codec name (str, at most 32 chars) or nil: what the sender encoded with
+  ``x``   codec spec or nil: what the sender encoded with; the name must be one of
+          :data:`CODEC_NAMES` (``name[:key=value...]``, checked by pattern)
   ======  ==========================================================================
 
 * frame 2, **payload** (``"data"`` only): the raw little-endian bytes of the part from
@@ -35,7 +36,7 @@ the message and logs the sender. ``zmq.MAXMSGSIZE`` on every receiving socket st
 oversized frame inside libzmq before Python sees it.
 
 Control messages (peer <-> coordinator, and the small peer-to-peer ``abort`` / ``fetch`` /
-``snap`` messages) are one msgpack map frame (key ``k`` names the kind) whose fields are
+``snap`` messages) are one msgpack map frame (key ``v`` the format version, ``k`` the kind) whose fields are
 checked against :data:`CONTROL_SCHEMA` by :func:`decode_control`. A peer's ROUTER tells them
 apart by frame count: one frame after the routing id is a control message, two a data message,
 anything else is dropped. Snapshot chunks (donor -> joiner) are data messages with tag
@@ -67,7 +68,7 @@ __all__ = [
     "unpack",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: identities (routing ids, keys) in member lists, signed verdicts, versioned controls
 MAX_HEADER_BYTES = 4096
 MAX_CONTROL_BYTES = 1 << 20
 MAX_PARTS = 4096
@@ -90,6 +91,8 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 _ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
 _TAG_RE = re.compile(r"^[a-z0-9_]{1,16}$")
+_CODEC_RE = re.compile(r"^[a-z0-9_]{1,16}(:[a-z_]{1,16}=[a-z0-9_.]{1,16}){0,4}$")
+CODEC_NAMES = frozenset({"identity", "none", "fp32", "bf16", "fp16", "int8", "int4", "e3m0"})  # lowcomm.codecs
 DATA_KINDS = ("data",)
 
 
@@ -180,8 +183,7 @@ def decode_header(buf: bytes | memoryview, max_part_bytes: int = DEFAULT_MAX_PAR
     extra = set(h) - _KEYS
     if extra:
         raise WireError(f"header has unknown field(s) {sorted(map(str, extra))[:5]}")
-    if h.get("v") != VERSION or type(h.get("v")) is not int:
-        raise WireError(f"unsupported wire version {_short(h.get('v'))} (this peer speaks {VERSION})")
+    _check_version(h.get("v"))
     kind = h.get("k")
     if kind not in DATA_KINDS:
         raise WireError(f"unknown message kind {_short(kind)}")
@@ -209,9 +211,16 @@ def decode_header(buf: bytes | memoryview, max_part_bytes: int = DEFAULT_MAX_PAR
     if offset % _ITEMSIZE[dtype] or offset > nbytes:
         raise WireError(f"chunk offset {offset} is not inside the {nbytes}-byte part or not element-aligned")
     codec = h.get("x")
-    if codec is not None and (type(codec) is not str or len(codec) > 32):
-        raise WireError(f"codec must be nil or a short string, got {_short(codec)}")
+    if codec is not None and (type(codec) is not str or not _CODEC_RE.match(codec)
+                              or codec.split(":")[0] not in CODEC_NAMES):
+        raise WireError(f"codec must be nil or a spec of a known codec ({sorted(CODEC_NAMES)}), got {_short(codec)}")
     return DataHeader(kind, sender, epoch, op, tag, group, part, nparts, dtype, tuple(shape), offset, codec, nbytes)
+
+
+def _check_version(v: Any) -> None:
+    if type(v) is not int or v != VERSION:
+        raise WireError(f"the sender speaks wire version {_short(v)}, this process speaks version {VERSION}: "
+                        f"run the same lowcomm release everywhere")
 
 
 def check_payload(h: DataHeader, length: int) -> None:
@@ -241,16 +250,38 @@ def _int_list(n: int):
     return lambda v: type(v) is list and len(v) <= n and all(_is_int(x) for x in v)
 
 
+MAX_MEMBERS = 4096
+RID_BYTES = 16  # a peer's random routing id, registered with the coordinator at join
+
+
+def _rid(v: Any) -> bool:
+    return type(v) is bytes and len(v) == RID_BYTES
+
+
+def _member_id(v: Any) -> bool:
+    return type(v) is int and 0 <= v < (1 << 31)
+
+
 def _member_list(v: Any) -> bool:
-    # [[id, announced address, public key or nil], ...]
-    return (type(v) is list and len(v) <= 65536 and all(
-        type(m) is list and len(m) == 3 and _is_int(m[0]) and _is_str(512)(m[1]) and _opt(_is_str(64))(m[2])
-        for m in v))
+    # [[id, announced address, public key or nil, routing id], ...]
+    return (type(v) is list and len(v) <= MAX_MEMBERS and all(
+        type(m) is list and len(m) == 4 and _member_id(m[0]) and _is_str(512)(m[1]) and _opt(_is_str(64))(m[2])
+        and _rid(m[3]) for m in v))
+
+
+def _group(v: Any) -> bool:
+    return type(v) is list and 0 < len(v) <= MAX_MEMBERS and all(_member_id(x) for x in v)
+
+
+def _mac(v: Any) -> bool:
+    return type(v) is str and len(v) == 64
 
 
 def _verdicts(v: Any) -> bool:
-    return type(v) is list and len(v) <= 256 and all(
-        type(x) is list and len(x) == 3 and _is_int(x[0]) and _is_str(4096)(x[1]) and type(x[2]) is bool for x in v)
+    # [[op, group key "1,2,3", ok, mac], ...]: verdicts the coordinator gave, re-reported after its restart
+    return type(v) is list and len(v) <= 64 and all(
+        type(x) is list and len(x) == 4 and _is_int(x[0]) and _is_str(8 * MAX_MEMBERS)(x[1]) and type(x[2]) is bool
+        and _mac(x[3]) for x in v)
 
 
 def _hashes(v: Any) -> bool:
@@ -264,21 +295,22 @@ _S = _is_str(512)
 
 CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
     # peer -> coordinator
-    "join": {"id": _opt(_I), "addr": _S, "pub": _opt(_is_str(64)), "active": _B, "next_op": _I,
-             "verdicts": _verdicts},
+    "join": {"id": _opt(_member_id), "addr": _S, "pub": _opt(_is_str(64)), "rid": _rid, "active": _B,
+             "next_op": _I, "verdicts": _verdicts},
     "hb": {"id": _I, "hashes": _hashes},
     "leave": {"id": _I},
     "ready": {"id": _I, "op": _I},
-    "done": {"id": _I, "op": _I, "group": _int_list(65536), "ok": _B},
+    "done": {"id": _I, "op": _I, "group": _group, "ok": _B, "why": _is_str(256)},
     "activate": {"id": _I, "next_op": _I},
     "query": {"id": _I, "sync": _I},
     # coordinator -> peer
     "welcome": {"id": _I, "epoch": _I, "members": _member_list, "started": _B, "min_peers": _I},
     "retry": {"reason": _S},
-    "state": {"epoch": _I, "members": _member_list, "started": _B, "known": _B, "recovering": _B},
+    "state": {"epoch": _I, "members": _member_list, "started": _B, "known": _B, "recovering": _B,
+              "joiners": _member_list},
     "go": {"op": _I, "epoch": _I, "members": _member_list},
     "drop": {"op": _I, "reason": _S},
-    "verdict": {"op": _I, "ok": _B, "lost": _int_list(65536)},
+    "verdict": {"op": _I, "ok": _B, "lost": _int_list(MAX_MEMBERS), "mac": _mac, "why": _is_str(1024)},
     "answer": {"sync": _I, "hash": _opt(_is_str(128)), "agreed": _B},
     "error": {"reason": _S},
     # peer <-> peer (sent as a single control frame on the data sockets)
@@ -298,7 +330,7 @@ def encode_control(kind: str, **fields: Any) -> bytes:
     schema = CONTROL_SCHEMA[kind]
     if set(fields) != set(schema):
         raise ValueError(f"control message {kind!r} needs fields {sorted(schema)}, got {sorted(fields)}")
-    return msgpack.packb({"k": kind, **fields}, use_bin_type=True)
+    return msgpack.packb({"v": VERSION, "k": kind, **fields}, use_bin_type=True)
 
 
 def decode_control(buf: bytes | memoryview, allowed: tuple[str, ...] | None = None,
@@ -307,11 +339,12 @@ def decode_control(buf: bytes | memoryview, allowed: tuple[str, ...] | None = No
     m = unpack(buf, max_bytes)
     if type(m) is not dict:
         raise WireError(f"control message must be a msgpack map, got {type(m).__name__}")
+    _check_version(m.get("v"))
     kind = m.get("k")
     if type(kind) is not str or kind not in CONTROL_SCHEMA or (allowed is not None and kind not in allowed):
         raise WireError(f"unexpected control message kind {_short(kind)}")
     schema = CONTROL_SCHEMA[kind]
-    fields = set(m) - {"k"}
+    fields = set(m) - {"k", "v"}
     if fields != set(schema):
         raise WireError(f"control message {kind!r} has fields {sorted(map(str, fields))[:8]}, "
                         f"expected {sorted(schema)}")
