@@ -72,8 +72,8 @@ def _as_like(t: Any, like: Any) -> Any:
 def shard_like(obj: Any, template: Any) -> Any:
     """Inverse of :func:`localize`: wrap each plain tensor of ``obj`` as the DTensor at its place in ``template``.
 
-    ``template`` is a ``state_dict()`` of the sharded model; for an inner optimizer's state (which may be
-    empty before its first step) pass ``{"state": {i: param_i}}``-shaped templates via :func:`shard_inner_state`.
+    ``template`` is a ``state_dict()`` of the sharded model. An inner optimizer's state may be empty before
+    its first step, so it has no template: use :func:`shard_inner_states`, which takes the parameters.
     """
     if is_dtensor(template):
         return _as_like(obj, template)
