@@ -230,7 +230,8 @@ def main(args: argparse.Namespace) -> int:
             progress.close()
     print()
     print(table(runs, cfg))
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')} and TensorBoard "
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')}, "
+          f"{os.path.join(args.out, 'report.html')} and TensorBoard "
           f"events in {os.path.join(args.out, 'tensorboard')} ({time.monotonic() - t0:.0f} s)")
     sys.stdout.flush()
     return 0
