@@ -1,0 +1,94 @@
+"""Syncs called by work done (sync_tokens=): equivalence with DiLoCo, determinism, weights, caps."""
+
+import pytest
+import torch
+from _common import batch, loss_of, make_model
+
+from lowcomm.comm.local import LocalTransport, LocalWorld, run_local
+from lowcomm.comm.tokens import contribution_factors, parse_speeds, token_weights
+from lowcomm.outer import DiLoCo
+
+TPS = 5  # tokens per step: batch() has 5 rows
+
+
+def _train(steps, speeds=None, syncs=None, **kw):
+    W = 4 if speeds is None else len(speeds)
+
+    def worker(t):
+        model = make_model()
+        opt = DiLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, **kw)
+        # with uneven speeds every worker stops after the same number of syncs
+        s = 0
+        while s < steps if syncs is None else len(opt.sync_log) < syncs:
+            x, y = batch(t.rank, s)
+            loss_of(model, x, y).backward()
+            opt.count_tokens(TPS)
+            opt.step()
+            opt.zero_grad()
+            s += 1
+        return [p.detach().clone() for p in model.parameters()], opt.sync_log, opt
+
+    return run_local(W, worker, world=LocalWorld(W, 30, speeds=speeds))
+
+
+def test_equal_speeds_is_diloco_bitwise():
+    H, W = 3, 4
+    ref = _train(12, sync_every=H)
+    tok = _train(12, sync_tokens=W * H * TPS)
+    for (a, la, _), (b, lb, _) in zip(ref, tok):
+        assert len(la) == len(lb) == 4
+        assert all(r.committed for r in lb)
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+        assert lb[0].tokens == {m: H * TPS for m in range(W)}
+        assert lb[0].weights == {m: 0.25 for m in range(W)}
+
+
+def test_slow_worker_contributes_weighted_and_repeats_bitwise():
+    speeds = [1, 1, 1, 0.33]
+    N = 4 * 6 * TPS  # about 6 fast steps per sync
+    runs = [_train(0, speeds=speeds, syncs=3, sync_tokens=N) for _ in range(2)]
+    for (a, la, _), (b, lb, _) in zip(*runs):
+        assert [r.tokens for r in la] == [r.tokens for r in lb]
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    logs = [r[1] for r in runs[0]]
+    assert all(len(lg) == 3 for lg in logs)  # everyone in every sync
+    for rec in logs[0]:
+        assert rec.committed and set(rec.tokens) == {0, 1, 2, 3}
+        ratio = rec.weights[3] / rec.weights[0]
+        assert 0.2 <= ratio <= 0.45, rec
+    # N is 24 steps' worth. At T = 7: 3 x 7 fast + 2 slow steps (ending 3.03, 6.06) = 23; at T = 8: 26, so
+    # the sync is called at T = 8 and the slow worker finishes its third step (started 6.06) into it
+    assert logs[0][0].tokens == {0: 8 * TPS, 1: 8 * TPS, 2: 8 * TPS, 3: 3 * TPS}
+    # every worker ends a sync with the same parameters
+    final = [r[0] for r in runs[0]]
+    for ps in final[1:]:
+        for p, q in zip(final[0], ps):
+            assert torch.equal(p, q)
+
+
+def test_weights_cap_and_factors():
+    w = token_weights({0: 10, 1: 10, 2: 10, 3: 10_000})
+    assert w[3] == pytest.approx(0.5) and sum(w.values()) == pytest.approx(1.0)
+    assert w[0] == pytest.approx(0.5 / 3)
+    assert token_weights({0: 0, 1: 0}) == {0: 0.5, 1: 0.5}
+    assert contribution_factors({0: 7, 1: 7}) == {0: 1.0, 1: 1.0}
+    f = contribution_factors({0: 30, 1: 10})
+    assert f[0] == pytest.approx(1.5) and f[1] == pytest.approx(0.5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="one relative speed per worker"):
+        parse_speeds("1,1", 3)
+    with pytest.raises(ValueError, match="> 0"):
+        parse_speeds([1, 0], 2)
+    model = make_model()
+    t = LocalTransport(LocalWorld(1), 0)
+    with pytest.raises(ValueError, match="not both"):
+        DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_every=2, sync_tokens=10)
+    with pytest.raises(ValueError, match="sync_tokens must be"):
+        DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_tokens=0)
+    opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_tokens=10)
+    with pytest.raises(ValueError, match="count_tokens"):
+        opt.step()
