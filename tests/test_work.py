@@ -6,17 +6,19 @@ from _common import batch, loss_of, make_model
 
 from lowcomm.comm.local import LocalTransport, LocalWorld, run_local
 from lowcomm.comm.tokens import contribution_factors, parse_speeds, token_weights
-from lowcomm.outer import DiLoCo
+from lowcomm.outer import DiLoCo, SparseLoCo, StreamingDiLoCo
 
 TPS = 5  # tokens per step: batch() has 5 rows
 
 
-def _train(steps, speeds=None, syncs=None, **kw):
+def _train(steps, speeds=None, syncs=None, cls=DiLoCo, **kw):
     W = 4 if speeds is None else len(speeds)
 
     def worker(t):
         model = make_model()
-        opt = DiLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, **kw)
+        if cls is StreamingDiLoCo:
+            kw.update(model=model, fragments=[[model[0]], [model[2]]], codec=None)
+        opt = cls(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, **kw)
         # with uneven speeds every worker stops after the same number of syncs
         s = 0
         while s < steps if syncs is None else len(opt.sync_log) < syncs:
@@ -31,16 +33,22 @@ def _train(steps, speeds=None, syncs=None, **kw):
     return run_local(W, worker, world=LocalWorld(W, 30, speeds=speeds))
 
 
-def test_equal_speeds_is_diloco_bitwise():
-    H, W = 3, 4
-    ref = _train(12, sync_every=H)
-    tok = _train(12, sync_tokens=W * H * TPS)
+@pytest.mark.parametrize("cls", [DiLoCo, StreamingDiLoCo, SparseLoCo])
+def test_equal_speeds_is_sync_every_bitwise(cls):
+    H, W = 4, 4
+    ref = _train(12, cls=cls, sync_every=H)
+    tok = _train(12, cls=cls, sync_tokens=W * H * TPS)
     for (a, la, _), (b, lb, _) in zip(ref, tok):
-        assert len(la) == len(lb) == 4
+        assert len(la) == len(lb) == (5 if cls is StreamingDiLoCo else 3)  # the 6th fragment sync is in flight
+        assert [(r.launch_step, r.finish_step) for r in la] == [(r.launch_step, r.finish_step) for r in lb]
         assert all(r.committed for r in lb)
         for p, q in zip(a, b):
             assert torch.equal(p, q)
-        assert lb[0].tokens == {m: H * TPS for m in range(W)}
+        if cls is StreamingDiLoCo:  # a fragment's first sync: the first H / F steps' tokens
+            assert lb[0].tokens == {m: H // 2 * TPS for m in range(W)}
+            assert lb[2].tokens == {m: H * TPS for m in range(W)}
+        else:
+            assert lb[0].tokens == {m: H * TPS for m in range(W)}
         assert lb[0].weights == {m: 0.25 for m in range(W)}
 
 

@@ -36,9 +36,17 @@ def sync_schedule(sync_every: int, sync_tokens: int | None, default_every: int) 
 class WorkTrigger:
     """One member's side of token-triggered syncs."""
 
-    def __init__(self, transport: Any, sync_tokens: int, tokens_per_step: int | None = None):
-        self.target = check_int("sync_tokens", sync_tokens, 1, "it is N, the group's tokens between syncs "
-                                "(W x H x tokens per step is DiLoCo with H)")
+    def __init__(self, transport: Any, sync_tokens: int, tokens_per_step: int | None = None, window: int = 1):
+        """``window``: syncs per pass over the model (Streaming DiLoCo's F fragments: one is called every
+        N / F tokens, and a fragment's contributions are weighted by the tokens of the last F calls)."""
+        check_int("sync_tokens", sync_tokens, 1, "it is N, the group's tokens between syncs "
+                  "(W x H x tokens per step is DiLoCo with H)")
+        if sync_tokens % window:
+            raise ValueError(f"sync_tokens ({sync_tokens}) must be a multiple of the number of fragments ({window}), "
+                             f"so a fragment syncs every sync_tokens / fragments tokens")
+        self.target = sync_tokens // window
+        self.window = window
+        self._history: list[dict[int, int]] = []
         if tokens_per_step is not None:
             check_int("tokens_per_step", tokens_per_step, 1)
         if not getattr(transport, "token_syncs", False):
@@ -65,7 +73,11 @@ class WorkTrigger:
         got = self.transport.tally_tokens(n, self.target)
         if got is None:
             return False
-        self.last = dict(got)
+        self._history = (self._history + [dict(got)])[-self.window:]
+        self.last = {}
+        for tally in self._history:
+            for m, n in tally.items():
+                self.last[m] = self.last.get(m, 0) + n
         return True
 
     def weights(self) -> dict[int, float]:
