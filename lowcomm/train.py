@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -314,6 +315,10 @@ class _Run:
         eta = (cfg.steps - step) * (now - self.t_start) / max(1, step - self.start_step)
         self.say(f"step {step}/{cfg.steps}  loss {self.last_loss:.4f}  lr {self.lr:.2e}  {tps:,.0f} tok/s  "
                  f"sent {sent / 1e6:.2f} MB  syncs {self.opt.sync_count}  eta {eta:.0f}s")
+        # For whoever watches the run (the ZeroMQ coordinator's run page); other transports ignore it.
+        self.transport.report_stats({"step": step, "tokens": self.tokens, "tokens_per_s": tps,
+                                     "syncs": self.opt.sync_count, "rolled_back": self.opt.failed_syncs,
+                                     **({} if math.isnan(self.last_loss) else {"train_loss": self.last_loss})})
         if self.writer is not None:
             for tag, value in (("train/loss", self.last_loss), ("train/lr", self.lr),
                                ("train/tokens_per_second", tps), ("comm/bytes_sent", sent),
@@ -328,6 +333,8 @@ class _Run:
         ev = evaluate(self.model, self.held_out, self.device, self.amp)
         self.eval_curve.append((step, ev))
         self.final_eval = ev
+        if math.isfinite(ev):
+            self.transport.report_stats({"eval_loss": ev})
         self.say(f"step {step}: held-out loss {ev:.4f}")
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", ev, step)

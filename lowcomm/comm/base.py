@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from dataclasses import dataclass, field
@@ -27,9 +27,11 @@ from .aggregate import RULES, Aggregate, get_aggregate, lower_median
 
 __all__ = [
     "RULES",
+    "STAT_KEYS",
     "Aggregate",
     "ByteLedger",
     "CommError",
+    "check_stats",
     "CommTimeout",
     "Handle",
     "OpRecord",
@@ -178,6 +180,24 @@ class Handle:
             raise CommTimeout((), f"operation did not complete within {t:.1f}s") from None
 
 
+STAT_KEYS = ("step", "tokens", "tokens_per_s", "train_loss", "eval_loss", "syncs", "rolled_back", "bytes_sent")
+"""The figures a training loop reports with :meth:`Transport.report_stats` (numbers, all optional)."""
+
+
+def check_stats(stats: Any) -> dict[str, float]:
+    """``stats`` as a plain dict of known keys and finite numbers, else a ValueError naming the bad entry."""
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"stats must be a mapping of {', '.join(STAT_KEYS)} to numbers, got {type(stats).__name__}")
+    out: dict[str, float] = {}
+    for k, v in stats.items():
+        if k not in STAT_KEYS:
+            raise ValueError(f"unknown stat {k!r}; known: {', '.join(STAT_KEYS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) > 1e18:
+            raise ValueError(f"stat {k} must be a finite number, got {v!r}")
+        out[k] = v
+    return out
+
+
 class Transport(abc.ABC):
     """The protocol every transport implements (see the module docstring).
 
@@ -267,6 +287,13 @@ class Transport(abc.ABC):
         """Called by an outer optimizer after a committed sync has been applied (global parameters,
         outer state and counters updated). The ZeroMQ transport snapshots the state for joining
         peers here; other transports ignore it."""
+
+    def report_stats(self, stats: Mapping[str, float]) -> None:  # noqa: B027
+        """A training loop's figures for whoever watches the run (keys: :data:`STAT_KEYS`).
+
+        The ZeroMQ transport sends the latest ones with its heartbeats, and the coordinator's run
+        page shows them; other transports ignore them.
+        """
 
     def attach(self, model: Any, optimizer: Any, *, verify_global: bool = True) -> None:  # noqa: B027
         """Give the transport the model and optimizer once both are built (a training loop calls it).

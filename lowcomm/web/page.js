@@ -7,6 +7,10 @@ function sv(tag,attrs,text){const e=document.createElementNS(SVG,tag);for(const 
   if(text!==undefined)e.textContent=String(text);return e;}
 function fmt(v){if(typeof v!=="number")return v;if(!isFinite(v))return String(v);const a=Math.abs(v);
   if(a!==0&&(a>=1e6||a<1e-3))return v.toExponential(2);return Number.isInteger(v)?String(v):v.toFixed(4);}
+function tick(v){if(!isFinite(v))return String(v);const a=Math.abs(v);if(a!==0&&(a>=1e5||a<1e-3))return v.toExponential(1);
+  return String(Number(v.toPrecision(4)));}
+const colorOf={};
+function color(name){if(!(name in colorOf))colorOf[name]=COLORS[Object.keys(colorOf).length%COLORS.length];return colorOf[name];}
 function chart(c){
   const W=440,H=260,L=60,R=12,T=24,B=40;const box=el("div",null,{class:"chart",id:"chart-"+c.id});
   const s=sv("svg",{width:W,height:H,viewBox:"0 0 "+W+" "+H});box.appendChild(s);
@@ -19,13 +23,15 @@ function chart(c){
   const X=x=>L+(tx(x)-x0)/(x1-x0)*(W-L-R),Y=y=>H-B-(y-y0)/(y1-y0)*(H-T-B);
   s.appendChild(sv("rect",{x:L,y:T,width:W-L-R,height:H-T-B,fill:"none",stroke:"#ccc"}));
   for(let i=0;i<=4;i++){const yv=y0+(y1-y0)*i/4,xv=x0+(x1-x0)*i/4,yy=H-B-(H-T-B)*i/4,xx=L+(W-L-R)*i/4;
-    s.appendChild(sv("text",{x:L-4,y:yy+4,"font-size":10,"text-anchor":"end"},fmt(yv)));
-    s.appendChild(sv("text",{x:xx,y:H-B+13,"font-size":10,"text-anchor":"middle"},fmt(c.log_x?Math.pow(10,xv):xv)));}
+    s.appendChild(sv("text",{x:L-4,y:yy+4,"font-size":10,"text-anchor":"end"},tick(yv)));
+    s.appendChild(sv("text",{x:xx,y:H-B+13,"font-size":10,"text-anchor":"middle"},tick(c.log_x?Math.pow(10,xv):xv)));}
   s.appendChild(sv("text",{x:(L+W-R)/2,y:H-6,"font-size":11,"text-anchor":"middle"},c.x));
   s.appendChild(sv("text",{x:12,y:(T+H-B)/2,"font-size":11,"text-anchor":"middle",transform:"rotate(-90 12 "+(T+H-B)/2+")"},c.y));
-  let i=0;for(const n in c.lines){const col=COLORS[i%COLORS.length];
+  let i=0;for(const n of Object.keys(c.lines).sort()){const col=color(n);
     const d=c.lines[n].filter(p=>isFinite(p[0])&&isFinite(p[1])).map(p=>X(p[0]).toFixed(1)+","+Y(p[1]).toFixed(1)).join(" ");
     s.appendChild(sv("polyline",{points:d,fill:"none",stroke:col,"stroke-width":1.8,"data-line":n}));
+    const pts=c.lines[n].filter(p=>isFinite(p[0])&&isFinite(p[1]));
+    if(pts.length<=60)for(const p of pts)s.appendChild(sv("circle",{cx:X(p[0]).toFixed(1),cy:Y(p[1]).toFixed(1),r:2.5,fill:col}));
     s.appendChild(sv("text",{x:L+8,y:T+14+13*i,"font-size":11,fill:col},n));i++;}
   return box;}
 function render(d){

@@ -56,6 +56,7 @@ import time
 import zmq
 
 from .coordinator_book import STATE_VERSION, TOKEN_BYTES, Bookkeeping, _Barrier, _Member, _Vote
+from .run_page import RunPage
 from .security import CurveConfig, Rejects, check_insecure
 from .wire import MAX_MEMBERS, WireError, decode_control, encode_control
 
@@ -74,7 +75,8 @@ class Coordinator(Bookkeeping):
                  heartbeat_timeout: float | None = None, barrier_timeout: float = 600.0,
                  recovery: float | None = None, state_file: str | None = None,
                  curve: CurveConfig | None = None, max_members: int = 4096, max_misses: int = 3,
-                 insecure: bool = False, clock=time.monotonic):
+                 insecure: bool = False, clock=time.monotonic, dashboard: str | None = None,
+                 dashboard_addresses: bool = False):
         if not isinstance(bind, str) or "://" not in bind:
             raise ValueError(f"bind must be a ZeroMQ endpoint like tcp://0.0.0.0:5555, got {bind!r}")
         if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
@@ -123,6 +125,8 @@ class Coordinator(Bookkeeping):
         self._born = self._now()
         self._reload = threading.Event()
         self._stop = threading.Event()
+        # The live run page (its own HTTP thread; this loop only records heartbeats and publishes).
+        self.page = RunPage(dashboard, dashboard_addresses) if dashboard else None
         self.ctx = zmq.Context()
         self._auth = None
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -205,6 +209,9 @@ class Coordinator(Bookkeeping):
 
     def _on_hb(self, rid: bytes, mem: _Member, m: dict) -> None:
         mem.last_seen = self._now()
+        mem.stats = m["stats"]
+        if self.page is not None:
+            self.page.record(self.name(mem.who), mem.stats)
         for sync, h in m["hashes"]:
             self.hashes.setdefault(sync, {})[m["id"]] = h
         if len(self.hashes) > 256:
@@ -445,6 +452,8 @@ class Coordinator(Bookkeeping):
                 self._expire()
                 self._check_barriers()
                 self._check_votes()
+                if self.page is not None:
+                    self.page.publish(self)
                 if status_every:
                     now = self._now()
                     if now >= next_status:
@@ -464,6 +473,9 @@ class Coordinator(Bookkeeping):
         self._reload.set()
 
     def close(self) -> None:
+        if self.page is not None:
+            self.page.close()
+            self.page = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -35,6 +35,7 @@ class _Member:
     active: bool
     activate_op: int = 0
     misses: int = 0  # consecutive sync-start barriers this member missed
+    stats: dict = field(default_factory=dict)  # its training loop's latest figures (from heartbeats)
 
 
 @dataclass

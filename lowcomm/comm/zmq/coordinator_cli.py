@@ -18,6 +18,8 @@ def run_coordinator(bind: str, status_every: float | None = None, **kwargs) -> N
     """Run a coordinator in this process until interrupted (what ``lowcomm coordinator`` does)."""
     c = Coordinator(bind, **kwargs)
     print(f"lowcomm coordinator listening on {c.endpoint} (epoch {c.epoch})", flush=True)
+    if c.page is not None:
+        print(f"run page at {c.page.url}", flush=True)
     if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda *_: c.request_reload())  # re-read the allowlist
     try:
@@ -48,6 +50,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--curve-secret", default=None, help="the coordinator's .key_secret (from lowcomm keygen)")
     ap.add_argument("--curve-allow", default=None,
                     help="directory of allowed peers' public .key files (re-read on SIGHUP; removed keys are ejected)")
+    ap.add_argument("--dashboard", default=None, metavar="HOST:PORT",
+                    help="serve a live run page and /status.json here (loopback unless a non-loopback HOST is "
+                         "given; e.g. 127.0.0.1:8080)")
+    ap.add_argument("--dashboard-addresses", action="store_true",
+                    help="show the peers' announced addresses on the run page (hidden by default)")
     ap.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback --bind without CURVE (only on a network you trust)")
 
@@ -63,5 +70,6 @@ def main(args) -> int:
     run_coordinator(args.bind, min_peers=args.min_peers, heartbeat=args.heartbeat,
                     heartbeat_timeout=args.heartbeat_timeout, barrier_timeout=args.barrier_timeout,
                     max_misses=args.max_misses, state_file=args.state, curve=curve, insecure=args.insecure,
+                    dashboard=args.dashboard, dashboard_addresses=args.dashboard_addresses,
                     status_every=None if args.status_every == 0 else args.status_every)
     return 0

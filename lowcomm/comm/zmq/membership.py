@@ -99,7 +99,7 @@ class Membership:
     def _state_request(self, deadline: float, recovering: bool = True) -> dict:
         """The coordinator's view of the run; re-registers first if it does not know us (it restarted)."""
         while True:
-            st = self._request(encode_control("hb", id=self._id, hashes=list(self._hashes)),
+            st = self._request(self._hb_frame(),
                                lambda m: m["k"] == "state" and (recovering or not m["recovering"]), deadline)
             if st["known"]:
                 return st

@@ -49,13 +49,13 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import zmq
 
-from ..base import CommError, Handle, PeerLost
+from ..base import CommError, Handle, PeerLost, check_stats
 from ..p2p import P2PTransport
 from .coordinator_book import TOKEN_BYTES
 from .dataplane import BadPayload, DataPlane, _Inbox
@@ -159,6 +159,7 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
         self._req = self._coord_socket(b"r")
         self._verdicts: list[list] = []
         self._hashes: list[list] = []
+        self._stats: dict[str, float] = {}  # the training loop's latest figures, sent with each heartbeat
         self._snaps: dict[int, _Snapshot] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._model = None
@@ -329,6 +330,14 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
                         self._id, sig.name, self._cur_seq, self._sent_in_op)
             os.kill(os.getpid(), sig)
 
+    def report_stats(self, stats: Mapping[str, float]) -> None:
+        """The training loop's figures; the next heartbeats carry them (with the bytes this peer sent)."""
+        self._stats = {**self._stats, **check_stats(stats)}
+
+    def _hb_frame(self) -> bytes:
+        stats = {**self._stats, "bytes_sent": int(self.ledger.bytes_sent)}
+        return encode_control("hb", id=self._id, hashes=list(self._hashes), stats=stats)
+
     # ---- data plane -------------------------------------------------------------------------------
     def _io_loop(self) -> None:
         hb = self._coord_socket(b"h")
@@ -341,7 +350,7 @@ class ZmqTransport(Membership, DataPlane, Snapshots, P2PTransport):
                 now = time.monotonic()
                 if now >= self._next_hb:
                     with contextlib.suppress(zmq.Again):
-                        hb.send(encode_control("hb", id=self._id, hashes=list(self._hashes)), flags=zmq.NOBLOCK)
+                        hb.send(self._hb_frame(), flags=zmq.NOBLOCK)
                     self._next_hb = now + self.heartbeat
                 events = dict(poller.poll(int(1000 * min(0.1, self.heartbeat / 2))))
                 if self._router in events:

@@ -52,6 +52,8 @@ from typing import Any
 import msgpack
 import torch
 
+from ..base import STAT_KEYS
+
 __all__ = [
     "CONTROL_SCHEMA",
     "DTYPES",
@@ -289,6 +291,12 @@ def _hashes(v: Any) -> bool:
         type(x) is list and len(x) == 2 and _is_int(x[0]) and _is_str(128)(x[1]) for x in v)
 
 
+def _stats(v: Any) -> bool:
+    # a training loop's figures (comm.base.STAT_KEYS): known keys only, finite numbers
+    return type(v) is dict and len(v) <= len(STAT_KEYS) and all(
+        k in STAT_KEYS and type(x) in (int, float) and x == x and abs(x) <= 1e18 for k, x in v.items())
+
+
 _B = lambda v: type(v) is bool  # noqa: E731
 _I = _is_int
 _S = _is_str(512)
@@ -297,7 +305,7 @@ CONTROL_SCHEMA: dict[str, dict[str, Any]] = {
     # peer -> coordinator
     "join": {"id": _opt(_member_id), "addr": _S, "pub": _opt(_is_str(64)), "rid": _rid, "active": _B,
              "next_op": _I, "verdicts": _verdicts},
-    "hb": {"id": _I, "hashes": _hashes},
+    "hb": {"id": _I, "hashes": _hashes, "stats": _stats},
     "leave": {"id": _I},
     "ready": {"id": _I, "op": _I},
     "done": {"id": _I, "op": _I, "group": _group, "ok": _B, "why": _is_str(256)},
