@@ -172,6 +172,11 @@ class LocalTransport(P2PTransport):
         self._members = sorted(self.world.alive)
         self._epoch = self.world.epoch
 
+    @property
+    def token_phase(self) -> int:
+        """Token-triggered syncs called so far (the world's :class:`TokenBoard` phase)."""
+        return self._token_phase
+
     def tally_tokens(self, tokens: int, target: int) -> dict[int, int] | None:
         world = self.world
         got = world.tokens.step(self.rank, self._token_phase, tokens, target,

@@ -17,6 +17,9 @@ each member contributes its pseudo-gradient weighted by the tokens it processed 
   H steps (DiLoCo with H).
 - **ZeroMQ**: peers report tokens with their heartbeats and the coordinator calls the sync.
 
+A simulator gives the board a wall-clock ``budget`` (in speed-1 steps): a sync is then also called
+at the first step end at or past it, so a run can stop exactly there (:attr:`TokenBoard.starts`).
+
 Self-reported tokens are an attack vector: no weight exceeds ``2 / W`` (:func:`token_weights`).
 """
 
@@ -106,6 +109,10 @@ class TokenBoard:
         self.speeds = list(speeds)
         self._cv = threading.Condition()
         self._phases: dict[int, _Phase] = {}
+        # simulated time (in speed-1 steps) at which each phase started: a phase lasts until its
+        # slowest member's last step ends
+        self.starts: dict[int, Fraction] = {0: Fraction(0)}
+        self.budget: Fraction | None = None  # a simulator's wall-clock budget: a sync is also called there
 
     def _phase(self, k: int) -> _Phase:
         return self._phases.setdefault(k, _Phase())
@@ -128,7 +135,7 @@ class TokenBoard:
                     break
                 self._wait(deadline, waiting, "steps")
             done = sum(n for m in live for (e, n) in ph.ends.get(m, ()) if e <= t)
-            if done < target:
+            if done < target and (self.budget is None or self.starts[phase] + t < self.budget):
                 return None
             ph.decided[member] = sum(n for _, n in mine)
             self._cv.notify_all()
@@ -139,6 +146,8 @@ class TokenBoard:
                     break
                 self._wait(deadline, waiting, "the sync call")
             self._phases.pop(phase - 2, None)  # everyone is past it (they all reached this phase)
+            if phase + 1 not in self.starts:
+                self.starts[phase + 1] = self.starts[phase] + max(ph.ends[m][-1][0] for m in live if ph.ends.get(m))
             return {m: ph.decided[m] for m in live}
 
     def _wait(self, deadline: float, waiting: list[int], what: str) -> None:

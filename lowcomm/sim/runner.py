@@ -339,11 +339,10 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
         train_losses: list[float] = []
         shared.barrier.wait(cfg.timeout)
         do_eval(rank, 0, model, float("nan"), False)
-        by_tokens = None if opt.work is None else TokenRun(cfg.speeds or [1] * W, cfg.steps,
-                                                           cfg.batch_size * mcfg.seq_len, rank)
+        by_tokens = None if opt.work is None else TokenRun(world, cfg.steps, rank)
         horizon = cfg.steps if by_tokens is None else by_tokens.horizon
         step = 0
-        while step < cfg.steps if by_tokens is None else not by_tokens.done(opt.sync_log):
+        while step < cfg.steps if by_tokens is None else not by_tokens.done(transport):
             step += 1
             x, y = next(stream)
             timer["t"] = 0.0

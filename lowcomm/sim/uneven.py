@@ -8,10 +8,9 @@ long as its slowest worker's compute, then the sync's communication.
 - A strategy with ``sync_every`` (H): every worker does ``--steps`` steps and syncs every H; the
   fast ones wait for the slowest at every sync.
 - A strategy with ``sync_tokens`` (N): syncs are called by the local transport's token board
-  (:mod:`lowcomm.comm.tokens`) from the speeds; each worker runs until the sync after which one more
-  phase as long as the last would pass the budget of ``--steps`` steps of the fastest worker
-  (simulated time in speed-1 steps, from the sync log's token counts), so a run never exceeds the
-  budget; choose N so that phases divide it. Each
+  (:mod:`lowcomm.comm.tokens`) from the speeds; the board also calls a last sync at the
+  budget of ``--steps`` steps of the fastest worker, after which every worker stops (a worker
+  whose step is under way finishes it, so the run ends when the slowest's step does). Each
   worker's LR schedule follows its own steps (``budget x s_i`` of them); held-out evaluations are
   taken at the start and the end only (the workers' step counts differ).
 """
@@ -19,6 +18,7 @@ long as its slowest worker's compute, then the sync's communication.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 from .clock import Network
@@ -36,28 +36,25 @@ def check_speeds(speeds: Any, workers: int) -> tuple[float, ...] | None:
 
 
 class TokenRun:
-    """When a worker of a ``sync_tokens`` run stops, and its own LR horizon."""
+    """When a worker of a ``sync_tokens`` run stops, and its own LR horizon: the world's token board
+    calls a last sync at the budget (``--steps`` steps of the fastest worker, in speed-1 steps) and
+    every worker stops after it."""
 
-    def __init__(self, speeds: Sequence[float], steps: int, tokens_per_step: int, rank: int):
-        self.speeds = list(speeds)
-        self.budget = steps / max(self.speeds)  # in speed-1 steps
-        self.tokens_per_step = tokens_per_step
-        self.horizon = max(1, round(self.budget * self.speeds[rank]))
-        self.elapsed = 0.0
+    def __init__(self, world: Any, steps: int, rank: int):
+        board = world.tokens
+        self.board = board
+        speeds = board.speeds
+        board.budget = Fraction(steps) / max(speeds)
+        self.horizon = max(1, round(float(board.budget * speeds[rank])))
         self._seen = 0
 
-    def done(self, sync_log: Sequence[Any]) -> bool:
-        """After a step: True after a sync when another phase as long as the last one would end past
-        the budget (never overshoots; the same answer on every worker: it reads the tallies every
-        member agreed on)."""
-        new = sync_log[self._seen:]
-        self._seen = len(sync_log)
-        last = 0.0
-        for rec in new:
-            if rec.tokens:
-                last = max(n / self.tokens_per_step / self.speeds[m] for m, n in rec.tokens.items())
-                self.elapsed += last
-        return bool(new) and self.elapsed + last > self.budget
+    def done(self, transport: Any) -> bool:
+        """After a step: True after the sync that reached the budget (the same on every worker)."""
+        phase = transport.token_phase
+        if phase == self._seen:
+            return False
+        self._seen = phase
+        return self.board.starts[phase] >= self.board.budget
 
 
 def phase_clock(computes: Sequence[Sequence[float]], logs: Sequence[Sequence[Any]], comm: Sequence[float],
