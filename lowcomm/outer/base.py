@@ -363,11 +363,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.remember_center(pending.unit.name, pending.buffers)
         apply(pending)
         self.sync_count += 1
-        self.sync_log.append(self._record(pending, True))
+        self.sync_log.append(self._sync_record(pending, True))
         self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
 
-    def _record(self, pending: PendingSync, committed: bool, error: str = "") -> SyncRecord:
+    def _sync_record(self, pending: PendingSync, committed: bool, error: str = "") -> SyncRecord:
         from ..comm.tokens import token_weights
 
         tokens = pending.tokens or {}
@@ -380,7 +380,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
         (rollback or (lambda p: p.unit.reset_locals()))(pending)
         self.failed_syncs += 1
-        self.sync_log.append(self._record(pending, False, str(err)))
+        self.sync_log.append(self._sync_record(pending, False, str(err)))
         log.warning("sync of %s launched at step %d failed and was rolled back: %s",
                     pending.name, pending.launch_step, err)
         try:
