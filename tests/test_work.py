@@ -100,3 +100,39 @@ def test_bad_arguments():
     opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_tokens=10)
     with pytest.raises(ValueError, match="count_tokens"):
         opt.step()
+
+
+def test_transport_without_token_syncs_refused():
+    model = make_model()
+    t = LocalTransport(LocalWorld(1), 0)
+    t.token_syncs = False  # as the ZeroMQ and torch.distributed transports today
+    with pytest.raises(ValueError, match="cannot: use sync_every"):
+        DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_tokens=10)
+    with pytest.raises(ValueError, match="multiple of the number of fragments"):
+        StreamingDiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=LocalTransport(LocalWorld(1), 0),
+                        model=model, fragments=[[model[0]], [model[2]]], sync_tokens=11)
+
+
+def test_killed_worker_does_not_stall_the_tally():
+    """A worker that dies mid-phase is left out of the tally; the others sync and go on."""
+    from lowcomm.comm.local import Fault
+
+    W = 3
+
+    def worker(t):
+        model = make_model()
+        opt = DiLoCo(torch.optim.SGD(model.parameters(), lr=0.1), transport=t, sync_tokens=W * 2 * TPS,
+                     tokens_per_step=TPS)
+        for s in range(6):
+            x, y = batch(t.rank, s)
+            loss_of(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        return opt.sync_log
+
+    # worker 2 dies in its op 1 (the first sync's all-reduce; op 0 is the initial broadcast)
+    out = run_local(W, worker, faults={2: Fault(op=1)}, timeout=20)
+    assert out[2] is None
+    for log in out[:2]:  # the second phase needs 3 steps of each survivor
+        assert [r.committed for r in log] == [False, True]
+        assert log[1].tokens == {0: 3 * TPS, 1: 3 * TPS} and log[1].finish_step == 5
