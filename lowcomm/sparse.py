@@ -68,7 +68,7 @@ import torch
 
 from .dct import chunk_size
 
-__all__ = ["TopKCodec", "chunk_edges", "pack_bits", "unpack_bits"]
+__all__ = ["TopKCodec", "chunk_edges", "pack_bits", "pack_bitvec", "unpack_bits", "unpack_bitvec"]
 
 _BYTE_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 BINS = (2, 4, 16)
@@ -90,14 +90,16 @@ def _to_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return values.to(torch.int64).unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).to(torch.uint8).view(-1)
 
 
-def _bits_to_bytes(bitvec: torch.Tensor) -> torch.Tensor:
+def pack_bitvec(bitvec: torch.Tensor) -> torch.Tensor:
+    """A 0/1 (or bool) vector -> uint8, 8 per byte, least significant bit first, zero-padded."""
     n = bitvec.numel()
     padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bitvec.device)
     padded[:n] = bitvec
     return (padded.view(-1, 8) * _BYTE_WEIGHTS.to(bitvec.device)).sum(1, dtype=torch.uint8)
 
 
-def _bytes_to_bits(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+def unpack_bitvec(packed: torch.Tensor, nbits: int) -> torch.Tensor:
+    """The first ``nbits`` bits of ``packed`` (see :func:`pack_bitvec`) as a bool vector."""
     return packed.unsqueeze(1).bitwise_and(_BYTE_WEIGHTS.to(packed.device)).ne(0).view(-1)[:nbits]
 
 
@@ -108,12 +110,12 @@ def _from_bits(bitvec: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative integers below ``2**bits`` into ``ceil(n * bits / 8)`` bytes (LSB first)."""
-    return _bits_to_bytes(_to_bits(values, bits))
+    return pack_bitvec(_to_bits(values, bits))
 
 
 def unpack_bits(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``n`` int64 values of ``bits`` bits each."""
-    return _from_bits(_bytes_to_bits(packed, n * bits), bits)
+    return _from_bits(unpack_bitvec(packed, n * bits), bits)
 
 
 class _Group:
@@ -261,7 +263,7 @@ class TopKCodec:
         v = torch.cat(vals)
         if not bool(torch.isfinite(v).all()):
             raise ValueError("encode: the vector to send has NaN or Inf entries (a diverged pseudo-gradient?)")
-        parts = [_bits_to_bytes(bits)]
+        parts = [pack_bitvec(bits)]
         if self.bins is None:
             return parts + [v.to(torch.float32, copy=True)]
         codes, table = self._quantise(v)
@@ -334,7 +336,7 @@ class TopKCodec:
                              f"must run SparseLoCo with the same model, k, chunk and bins")
 
     def _positions(self, packed: torch.Tensor, who: str) -> torch.Tensor:
-        bits = _bytes_to_bits(packed, self.index_bits)
+        bits = unpack_bitvec(packed, self.index_bits)
         within, start = [], 0
         for g in self.groups:
             if g.dense:

@@ -49,3 +49,27 @@ def test_shard_bounds_old_location_still_works():
     from lowcomm.comm.p2p import shard_bounds as old
 
     assert old is shard_bounds and shard_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
+
+
+def test_all_gather_validate_fails_the_op_everywhere_naming_the_sender():
+    """Transport.all_gather(validate=): a malformed payload fails the op on every member (voted), naming it."""
+    from lowcomm.comm.base import CommError
+    from lowcomm.comm.local import run_local
+
+    def check(parts, member):
+        if parts[0].numel() != 2:
+            raise ValueError("expected 2 values")
+
+    def worker(t):
+        payload = [torch.zeros(3 if t.rank == 2 else 2)]
+        try:
+            t.all_gather(payload, validate=check).wait(30)
+        except CommError as e:
+            return str(e)
+        return "ok"
+
+    out = run_local(3, worker, timeout=10)
+    assert all("the payload from member 2 is malformed: expected 2 values" in o for o in out[:2]), out
+    assert out[2] != "ok"  # member 2 itself is failed by the others' votes
+    good = run_local(3, lambda t: t.all_gather([torch.ones(2)], validate=check).wait(30), timeout=10)
+    assert all(len(g) == 3 for g in good)

@@ -386,3 +386,26 @@ def test_trimmed_mean_goes_on_when_the_world_shrinks_below_2_trim_plus_1():
     assert list(world.book.ejected) == [2]
     # screened out, the attacker leaves two values: their mean; then the two members alone
     assert out[0] == out[1] == [0.5 + i for i in range(5)]
+
+
+def test_sparseloco_clip_per_sender_at_decode():
+    import lowcomm
+    from lowcomm.outer.sparseloco import SparseLoCo
+
+    W = 4
+
+    def make(agg):
+        return lambda m, t: SparseLoCo(torch.optim.AdamW(m.parameters(), lr=1e-2), transport=t, sync_every=3,
+                                       topk=2, chunk=4, aggregate=agg)
+
+    world = LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W))
+    out = run_local(W, _train, make("clip"), world=world)
+    assert {d["member"] for d in out[0][1].detections()} == {3} and out[0][1].sync_count == 4
+    clean = run_local(W, _train, make("clip"))
+    ruined = run_local(W, _train, make("mean"), world=LocalWorld(W, 30.0, adversary=Adversary("scale", 1, W)))
+    assert (out[0][0] - clean[0][0]).norm() < 0.1 * (ruined[0][0] - clean[0][0]).norm()
+    assert not clean[0][1].detections()
+    with pytest.raises(ValueError, match="SparseLoCo"):
+        SparseLoCo(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
+                   transport=LocalTransport(LocalWorld(1), 0), aggregate="centered_clip")
+    del lowcomm

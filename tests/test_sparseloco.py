@@ -303,7 +303,7 @@ def test_failed_sync_rolls_back_error_feedback_included():
 class _Tampering(LocalTransport):
     """A world of one whose all-gather hands back a corrupted payload (a peer that lies)."""
 
-    def all_gather(self, payload):
+    def all_gather(self, payload, validate=None):  # skips the check: the strategy's decode must catch it
         bad = [p.clone() for p in payload]
         bad[-1] = torch.full_like(bad[-1], float("nan"))
         return Handle.completed([bad])
@@ -337,9 +337,40 @@ def test_registered_for_the_simulator():
     s = lowcomm.get_strategy("sparseloco")
     assert s.default_run and s.config.inner is None  # the loop's default inner optimizer: AdamW
     assert s.defaults == {"sync_every": 30, "outer_lr": 0.6, "decay": 0.95, "topk": 64, "chunk": 64, "bins": 4,
-                          "quant_range": 6.0, "sync_tokens": None}
+                          "quant_range": 6.0, "aggregate": "mean", "sync_tokens": None}
     m = make_model()
     opt = s.make_config({"bins": "none", "topk": "32"}).build(torch.optim.AdamW(m.parameters(), lr=1e-3),
                                                               world_of_one(), m)
     assert isinstance(opt, lowcomm.SparseLoCo) and opt.outer_lr == 0.6 and opt.decay == 0.95
     assert opt.codec.bins is None and opt.topk == 32
+
+
+def test_clip_aggregate_screens_a_huge_sender_and_clips_a_large_one():
+    def worker(t, scale, aggregate):
+        p = torch.nn.Parameter(torch.zeros(8, 8))
+        opt = lowcomm.SparseLoCo(torch.optim.SGD([p], lr=0.1), transport=t, sync_every=1, outer_lr=1.0, decay=0.0,
+                                 topk=16, chunk=4, bins=None, aggregate=aggregate)
+        D = torch.randn(8, 8, generator=torch.Generator().manual_seed(t.rank)) * (scale if t.rank == 2 else 1.0)
+        with torch.no_grad():
+            p.copy_(-D)  # theta = phi - D with phi = 0
+        opt.sync()
+        return opt.units[0].anchors[0].clone(), opt.detections(), D
+
+    for scale, screened in ((1000.0, True), (5.0, False)):
+        mean = run_local(3, worker, scale, "mean")
+        clip = run_local(3, worker, scale, "clip")
+        D = [mean[r][2] for r in range(3)]
+        assert torch.allclose(mean[0][0], -(D[0] + D[1] + D[2]) / 3, atol=1e-5)
+        for r in range(3):
+            assert torch.equal(clip[r][0], clip[0][0]) and mean[r][1] == []
+        if screened:  # beyond hard_bound x the median norm: left out, the mean is over the two others
+            assert [d["member"] for d in clip[0][1]] == [2]
+            assert torch.allclose(clip[0][0], -(D[0] + D[1]) / 2, atol=1e-5)
+        else:  # clipped to clip_ratio (3) x the median norm, still counted
+            assert clip[0][1] == []
+            n = sorted(float(d.norm()) for d in D)
+            want = -(D[0] + D[1] + D[2] * (3 * n[1] / float(D[2].norm()))) / 3
+            assert torch.allclose(clip[0][0], want, atol=1e-5)
+    with pytest.raises(ValueError, match="trimmed_mean"):
+        lowcomm.SparseLoCo(torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1), transport=world_of_one(),
+                           aggregate="trimmed_mean")

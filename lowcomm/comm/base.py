@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ __all__ = [
     "RULES",
     "STAT_KEYS",
     "Aggregate",
+    "BadPayload",
     "ByteLedger",
     "CommError",
     "check_stats",
@@ -49,6 +50,14 @@ DEFAULT_TIMEOUT = 300.0
 
 class CommError(RuntimeError):
     """A collective operation failed; the caller should roll back and carry on."""
+
+
+class BadPayload(CommError):
+    """A member sent data that cannot be used (malformed parts, NaN/Inf); ``sender`` names it."""
+
+    def __init__(self, sender: int, message: str):
+        self.sender = sender
+        super().__init__(message)
 
 
 class PeerLost(CommError):
@@ -257,10 +266,15 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+    def all_gather(self, payload: Sequence[torch.Tensor], validate: Callable[[list, int], Any] | None = None
+                   ) -> Handle:
         """Gather every member's ``payload`` (sizes may differ between members).
 
         The result is a list, in :meth:`members` order, of each member's list of tensors.
+        ``validate(parts, member)``, raising ``ValueError``, checks every other member's payload as
+        it arrives, before the op's commit vote: a malformed one fails the op on every member as a
+        :class:`BadPayload` naming its sender (rolled back), instead of diverging the members that
+        parse it after the commit.
         """
 
     @abc.abstractmethod

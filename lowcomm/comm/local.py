@@ -207,11 +207,11 @@ class LocalTransport(P2PTransport):
     def _audit(self, seq, rec, members, deadline, args):
         run_audit(self, self.world.audits, self.world.book, seq, rec, members, *args, deadline)
 
-    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+    def all_gather(self, payload: Sequence[torch.Tensor], validate=None) -> Handle:
         adv = self.world.adversary
         if adv is not None:
             payload = adv.gather_payload(self._seq, self.rank, list(payload))
-        return super().all_gather(payload)
+        return super().all_gather(payload, validate)
 
     # ---- point to point ------------------------------------------------------------------
     def _on_op_start(self, seq: int) -> None:

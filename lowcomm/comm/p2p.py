@@ -42,7 +42,7 @@ import torch
 from ..codecs import wire_codec
 from ..shards import shard_bounds
 from .aggregate import get_aggregate
-from .base import DEFAULT_TIMEOUT, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
+from .base import DEFAULT_TIMEOUT, BadPayload, ByteLedger, CommError, Handle, OpRecord, PeerLost, Transport
 from .reduce import reduce_in_member_order
 
 __all__ = ["P2PTransport", "shard_bounds"]  # shard_bounds lives in lowcomm.shards; re-exported here
@@ -290,7 +290,8 @@ class P2PTransport(Transport):
                 s2, e2 = bounds[j]
                 flat[s2:e2].copy_(codec.decode(self._recv(peer, (seq, "qag"), deadline), e2 - s2))
 
-    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+    def all_gather(self, payload: Sequence[torch.Tensor], validate: Callable[[list, int], Any] | None = None
+                   ) -> Handle:
         payload = [t.detach() for t in payload]
         members = self._members_or_raise()
 
@@ -298,8 +299,16 @@ class P2PTransport(Transport):
             for peer in members:
                 if peer != self.rank:
                     self._send(peer, (seq, "gather"), payload, rec)
-            return [payload if peer == self.rank else self._recv(peer, (seq, "gather"), deadline)
-                    for peer in members]
+            out = []
+            for peer in members:
+                parts = payload if peer == self.rank else self._recv(peer, (seq, "gather"), deadline)
+                if validate is not None and peer != self.rank:
+                    try:
+                        validate(list(parts), peer)
+                    except ValueError as e:  # fails the op for everyone (voted), naming the sender
+                        raise BadPayload(peer, f"the payload from member {peer} is malformed: {e}") from e
+                out.append(parts)
+            return out
 
         return self._start("all_gather", members, body)
 

@@ -255,13 +255,13 @@ class TorchDistTransport(GlooP2P):
             return self._staged(tensors, lambda ts: self._native_all_reduce(ts, op))
         return self._staged(tensors, lambda ts: P2PTransport.all_reduce(self, ts, op, codec))
 
-    def all_gather(self, payload: Sequence[torch.Tensor]) -> Handle:
+    def all_gather(self, payload: Sequence[torch.Tensor], validate=None) -> Handle:
         self._check_usable()
         payload = list(payload)
         if all(t.device.type == "cpu" for t in payload):
-            return P2PTransport.all_gather(self, payload)
+            return P2PTransport.all_gather(self, payload, validate)
         device = next(t.device for t in payload if t.device.type != "cpu")
-        inner = P2PTransport.all_gather(self, [t.detach().cpu() for t in payload])
+        inner = P2PTransport.all_gather(self, [t.detach().cpu() for t in payload], validate)
         fut: Future = Future()
 
         def done(f: Future) -> None:

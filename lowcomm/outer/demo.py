@@ -72,7 +72,6 @@ whatever the parameter dtype (decay 0.999 would round away in bf16).
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -81,6 +80,7 @@ import torch
 
 from ..comm.base import CommError, Handle, Transport
 from ..dct import ChunkedDCT, chunk_size
+from ..sparse import pack_bitvec, unpack_bitvec
 from .base import OuterOptimizer, PendingSync, SyncRecord, check_float, check_int
 from .registry import StrategyConfig, register_strategy
 from .robust import resolve_aggregate, sender_factors
@@ -88,7 +88,6 @@ from .robust import resolve_aggregate, sender_factors
 __all__ = ["DeMo", "DeMoConfig", "index_dtype"]
 
 _VALUES = ("bf16", "fp32", "param", "sign")
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def index_dtype(chunk_numel: int) -> torch.dtype:
@@ -103,18 +102,6 @@ def index_dtype(chunk_numel: int) -> torch.dtype:
 
 
 _IDX_ORDER = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bool vector -> uint8, 8 per byte (little-endian bit order), zero-padded."""
-    n = bits.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=bits.device)
-    padded[:n] = bits
-    return (padded.view(-1, 8) * _BITS.to(bits.device)).sum(1, dtype=torch.uint8)
-
-
-def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return packed.unsqueeze(1).bitwise_and(_BITS.to(packed.device)).ne(0).view(-1)[:n]
 
 
 class DeMo(OuterOptimizer):
@@ -361,7 +348,7 @@ class DeMo(OuterOptimizer):
         if self.values == "sign":
             scales = torch.cat(scale_parts).to(torch.bfloat16)
             pos = vals >= 0
-            payload += [_pack_bits(pos), scales]
+            payload += [pack_bitvec(pos), scales]
             sent = self._sign_values(pos, scales)
         else:
             wire = vals.to(self._val_dtype)
@@ -370,13 +357,9 @@ class DeMo(OuterOptimizer):
         gidx_own = idx_own + self._base
 
         try:
-            gather = self.transport.all_gather
-            if "validate" in inspect.signature(gather).parameters:
-                # a transport that can check each member's payload before the commit vote (ZeroMQ): a
-                # malformed one then fails the sync everywhere instead of diverging the peers after it
-                handle = gather(payload, validate=self._parse)
-            else:
-                handle = gather(payload)
+            # every member's payload is checked before the commit vote: a malformed one fails the
+            # sync everywhere (rolled back, the sender named) instead of diverging the peers after it
+            handle = self.transport.all_gather(payload, validate=self._parse)
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(None, handle, [], self.local_step)  # DeMo keeps no global copy: no unit
@@ -415,7 +398,7 @@ class DeMo(OuterOptimizer):
             packed, scales = parts[nidx].to(dev), parts[nidx + 1].to(dev)
             if packed.numel() != -(-self._nvalues // 8) or scales.numel() != self._nchunks:
                 raise ValueError(f"member {member} sent a 1-bit payload of the wrong size")
-            vals = self._sign_values(_unpack_bits(packed, self._nvalues), scales)
+            vals = self._sign_values(unpack_bitvec(packed, self._nvalues), scales)
         else:
             v = parts[nidx]
             if v.numel() != self._nvalues:

@@ -43,7 +43,16 @@ Where this differs from templar (``src/tplr/neurons.py``, ``prepare_gradient_dic
 Failure: a failed all-gather rolls back like DiLoCo: ``phi`` is untouched, ``theta <- phi``
 (the local work since the last sync is dropped), and the error buffer is exactly as before the
 sync (the new one is built in a second buffer and only swapped in on success). A malformed
-payload from a peer raises ``ValueError`` naming it, after the same rollback.
+payload from a peer raises ``ValueError`` naming it, after the same rollback; on a transport that
+validates all-gather payloads before its commit vote (ZeroMQ's ``validate=``), it fails the sync
+on every member instead, which rolls back as above.
+
+Robust aggregation (``aggregate="clip"``, as DeMo's): applied per sender at decode
+(:func:`lowcomm.outer.robust.sender_factors`): a sender whose decoded values' norm is above
+``hard_bound`` x the median is left out, the others' values are scaled by
+``min(1, clip_ratio * median / norm)``, and the sum is divided by the number of senders kept
+(W when none is left out). A payload that is malformed (non-finite values included) is a
+ValueError, as above. ``trimmed_mean`` and ``centered_clip`` would need dense vectors: ValueError.
 
 Compute accounting: the compression before the exchange and the decoding after it run inside
 ``opt.compute_guard()`` (see :class:`~.base.OuterOptimizer`), so the simulator charges them as
@@ -65,6 +74,7 @@ from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
 from .diloco import schedule_kwargs
 from .registry import StrategyConfig, register_strategy
+from .robust import resolve_aggregate, sender_factors
 from .work import WorkTrigger, sync_schedule
 
 __all__ = ["SparseLoCo", "SparseLoCoConfig"]
@@ -88,6 +98,7 @@ class SparseLoCo(OuterOptimizer):
         quant_range: width of the quantised range in standard deviations of the kept values (6).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
+        aggregate: ``"mean"`` (default) or ``"clip"``, applied per sender at decode.
     """
 
     shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
@@ -95,8 +106,9 @@ class SparseLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
                  bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,
-                 timeout: float | None = None, sync_tokens: int | None = None, tokens_per_step: int | None = None):
-        super().__init__(inner, transport=transport, strict=strict, timeout=timeout)
+                 timeout: float | None = None, aggregate: Any = "mean", sync_tokens: int | None = None,
+                 tokens_per_step: int | None = None):
+        super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.sync_every = sync_schedule(sync_every, sync_tokens, 30)
         if sync_tokens is not None:
             self.work = WorkTrigger(transport, sync_tokens, tokens_per_step)
@@ -123,6 +135,14 @@ class SparseLoCo(OuterOptimizer):
         self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr))]
         self._error = torch.zeros(self.codec.numel, dtype=torch.float32, device=dev)
         self._work = torch.zeros_like(self._error)
+        self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
+        self.screened: list[tuple[int, int, str]] = []  # every screening: (step, member id, why)
+
+    def resolve_aggregate(self, aggregate: Any) -> Any:
+        return resolve_aggregate(self.transport, aggregate, allowed=("mean", "clip"), who="SparseLoCo")
+
+    def detections(self) -> list[dict[str, Any]]:
+        return [{"member": m, "kind": why, "step": st} for st, m, why in self.screened]
 
     @property
     def error(self) -> list[torch.Tensor]:
@@ -156,7 +176,10 @@ class SparseLoCo(OuterOptimizer):
             pos, sent = codec.decode(payload, who="own payload")
             work.scatter_add_(0, pos, sent.neg())  # e -= decode(S): distinct positions, one add each
         try:
-            handle = self.transport.all_gather(payload)
+            # every member's payload is checked before the commit vote: a malformed one fails the
+            # sync on every member (rolled back, the sender named) instead of raising after it
+            handle = self.transport.all_gather(payload, validate=lambda parts, member: codec.decode(
+                parts, who=f"member {member}'s payload"))
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
         pending = PendingSync(unit, handle, [], self.local_step, self._work_tokens())
@@ -176,12 +199,20 @@ class SparseLoCo(OuterOptimizer):
         except ValueError:
             unit.reset_locals()  # error buffer and phi untouched: as after a failed sync
             raise
+        norms = [float(v.double().norm()) if self.aggregate.robust else 0.0 for _, v in decoded]
+        weights, self.last_offences = sender_factors(self.aggregate, norms)
+        self.screened += [(self.local_step, members[i], why) for i, why in self.last_offences.items()]
+        kept = sum(1 for w in weights if w != 0.0)
+        if kept == 0:
+            unit.reset_locals()
+            raise ValueError(f"aggregate={self.aggregate.rule!r} screened out every member's payload")
         # Commit: the new error buffer becomes current; the old one is free to accumulate the sum.
         self._error, self._work = self._work, self._error
         acc = self._work.zero_()
-        for pos, vals in decoded:  # member order: the same sums on every replica
-            acc.scatter_add_(0, pos, vals)
-        acc.div_(len(decoded))
+        for (pos, vals), wt in zip(decoded, weights):  # member order: the same sums on every replica
+            if wt != 0.0:
+                acc.scatter_add_(0, pos, vals if wt == 1.0 else vals * wt)
+        acc.div_(kept)
         for i, a in enumerate(unit.anchors):
             a.view(codec.blocked_shape(i)).add_(codec.chunk_view(acc, i), alpha=-self.outer_lr)
         unit.reset_locals()
@@ -216,12 +247,13 @@ class SparseLoCoConfig(StrategyConfig):
     chunk: int = 64  # target chunk edge
     bins: int | None = 4  # quantisation levels of the kept values (4: 2 bits; None: fp32)
     quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
+    aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
     sync_tokens: int | None = None  # N: sync when the group's tokens since the last sync reach N (replaces sync_every)
 
     def build(self, inner, transport, model=None) -> SparseLoCo:
         return SparseLoCo(inner, transport=transport, **schedule_kwargs(self), outer_lr=self.outer_lr,
                           decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
-                          quant_range=self.quant_range)
+                          quant_range=self.quant_range, aggregate=self.aggregate)
 
 
 register_strategy("sparseloco", SparseLoCoConfig,

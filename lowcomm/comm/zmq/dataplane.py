@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import zmq
 
-from ..base import CommError, CommTimeout, Handle, OpRecord, PeerLost
+from ..base import BadPayload, CommError, CommTimeout, Handle, OpRecord, PeerLost
 from ..p2p import _check_op, _dtype_groups, _write_back, shard_bounds
 from ..reduce import reduce_in_member_order
 from .wire import (
@@ -36,14 +36,6 @@ __all__ = ["BadPayload", "DataPlane"]
 log = logging.getLogger(__name__)
 
 _FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
-
-class BadPayload(CommError):
-    """A peer sent data that cannot be used (NaN/Inf); ``sender`` names it."""
-
-    def __init__(self, sender: int, message: str):
-        self.sender = sender
-        super().__init__(message)
-
 
 @dataclass
 class _Inbox:
@@ -206,29 +198,6 @@ class DataPlane:
             buf = torch.empty(numel, dtype=dtype)
             self._scratch[key] = buf
         return buf[:numel]
-
-    def all_gather(self, payload: Sequence[torch.Tensor], validate=None) -> Handle:
-        """As :meth:`P2PTransport.all_gather`; ``validate(parts, member)`` (raising ValueError) checks every
-        other member's payload before the commit vote, so a malformed one fails the op everywhere, naming
-        its sender, instead of diverging the peers that parse it after the commit."""
-        if validate is None:
-            return super().all_gather(payload)
-        payload = [t.detach() for t in payload]
-        members = self._members_or_raise()
-
-        def body(seq, rec, members, deadline):
-            for peer in members:
-                if peer != self.rank:
-                    self._send(peer, (seq, "gather"), payload, rec)
-            out = []
-            for peer in members:
-                parts = payload if peer == self.rank else self._recv(peer, (seq, "gather"), deadline)
-                if peer != self.rank:
-                    validate(list(parts), peer)
-                out.append(parts)
-            return out
-
-        return self._start("all_gather", members, body)
 
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
         """As :meth:`P2PTransport.all_reduce`; without a codec, the flat copy lives in a reused buffer."""
