@@ -136,3 +136,37 @@ def test_killed_worker_does_not_stall_the_tally():
     for log in out[:2]:  # the second phase needs 3 steps of each survivor
         assert [r.committed for r in log] == [False, True]
         assert log[1].tokens == {0: 3 * TPS, 1: 3 * TPS} and log[1].finish_step == 5
+
+
+def test_streaming_by_tokens_resumes_exactly():
+    """A checkpoint at a sync call keeps the fragment turn and the tallies: resumed == uninterrupted."""
+    W, H = 2, 4
+
+    def run(t, stop=None, resume=None):
+        model = make_model()
+        opt = StreamingDiLoCo(torch.optim.AdamW(model.parameters(), lr=1e-2), transport=t, model=model,
+                              fragments=[[model[0]], [model[2]]], codec=None, sync_tokens=W * H * TPS,
+                              tokens_per_step=TPS)
+        start = 0
+        if resume is not None:
+            model.load_state_dict(resume[t.rank][0])
+            opt.load_state_dict(resume[t.rank][1])
+            start = opt.local_step
+        for s in range(start, 12 if stop is None else stop):
+            x, y = batch(t.rank, s)
+            loss_of(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        if stop is not None:
+            import copy
+            return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        opt.flush()
+        return [p.detach().clone() for p in model.parameters()], [r.unit for r in opt.sync_log]
+
+    full = run_local(W, run)
+    ckpt = run_local(W, run, stop=6)  # step 6 launches fragment 0's second sync
+    resumed = run_local(W, run, resume=ckpt)
+    for (a, _), (b, units) in zip(full, resumed):
+        assert units[-1] == "fragment1"
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)

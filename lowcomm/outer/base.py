@@ -406,6 +406,7 @@ class OuterOptimizer(torch.optim.Optimizer):
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
             **({"centers": {k: list(v) for k, v in self._centers.items()}} if self._centers else {}),
+            **({"work": self.work.state_dict()} if self.work is not None else {}),
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -441,3 +442,5 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.failed_syncs = int(c.get("failed_syncs", 0))
         self.load_extra_state_dict(state_dict.get("extra", {}))
         self._centers = {k: [t.detach().clone() for t in v] for k, v in state_dict.get("centers", {}).items()}
+        if self.work is not None:
+            self.work.load_state_dict(state_dict.get("work", {}))

@@ -227,7 +227,7 @@ class StreamingDiLoCo(OuterOptimizer):
     def extra_state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"config": {"sync_every": self.sync_every, "fragments": self.num_fragments,
                                          "overlap": self.overlap, "sizes": list(self.fragment_sizes)},
-                              "pending": None,
+                              "pending": None, "next_fragment": getattr(self, "_next_fragment", 0),
                               "error": None if self._ef is None else [ef.error for ef in self._ef]}
         if self._pending is not None:
             p = self._pending_fragment
@@ -257,6 +257,8 @@ class StreamingDiLoCo(OuterOptimizer):
             for ef, e in zip(self._ef, sd["error"]):
                 ef.load_state_dict({"error": e})
         self._pending, self._pending_fragment = None, -1
+        if self.work is not None:
+            self._next_fragment = int(sd.get("next_fragment", 0)) % self.num_fragments
         pend = sd.get("pending")
         if pend is not None:
             p = int(pend["fragment"])

@@ -80,6 +80,14 @@ class WorkTrigger:
                 self.last[m] = self.last.get(m, 0) + n
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tallies that weigh the next contributions (a checkpoint's)."""
+        return {"history": [dict(t) for t in self._history], "last": dict(self.last)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._history = [{int(m): int(n) for m, n in t.items()} for t in sd.get("history", [])][-self.window:]
+        self.last = {int(m): int(n) for m, n in sd.get("last", {}).items()}
+
     def weights(self) -> dict[int, float]:
         """Every member's weight in the last sync called."""
         return token_weights(self.last)
