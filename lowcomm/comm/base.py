@@ -253,6 +253,16 @@ class Transport(abc.ABC):
     A transport that lists only ``"mean"`` need not accept the ``aggregate``/``center`` keywords;
     strategies pass them only for another rule, after checking this at construction."""
 
+    token_syncs: bool = False
+    """Capability: :meth:`tally_tokens` calls syncs by work done (``sync_tokens=`` on a strategy)."""
+
+    def tally_tokens(self, tokens: int, target: int) -> dict[int, int] | None:
+        """Report that this member finished a step of ``tokens`` tokens; None while the group's tokens
+        since the last sync are below ``target``, else every member's tokens since the last sync (the
+        same dict on every member: they all sync now, see :mod:`lowcomm.comm.tokens`). Only a
+        transport with :attr:`token_syncs` implements it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot call syncs by tokens")
+
     @abc.abstractmethod
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:
         """Reduce ``tensors`` (in place) across all members; ``op`` is "mean" or "sum".

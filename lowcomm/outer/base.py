@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -165,6 +165,7 @@ class PendingSync:
     handle: Handle
     buffers: list[torch.Tensor]
     launch_step: int
+    tokens: dict[int, int] | None = None  # every member's tokens since the last sync (sync_tokens)
 
     @property
     def name(self) -> str:
@@ -182,6 +183,8 @@ class SyncRecord:
     op_ids: list[int]
     committed: bool
     error: str = ""
+    tokens: dict[int, int] = field(default_factory=dict)  # sync_tokens: each member's tokens in this sync
+    weights: dict[int, float] = field(default_factory=dict)  # ... and its weight (lowcomm.comm.tokens)
 
 
 class OuterOptimizer(torch.optim.Optimizer):
@@ -270,6 +273,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_log: list[SyncRecord] = []
         self.units: list[SyncUnit] = []
         self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self.work: Any = None  # a WorkTrigger (lowcomm.outer.work) when syncs are called by tokens
 
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -317,6 +321,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.local_step += 1
         self.after_inner_step()
         return loss
+
+    def count_tokens(self, tokens: int) -> None:
+        """Tokens of the next inner step (weighs the contributions of ``sync_tokens=``; ignored otherwise)."""
+        if self.work is not None:
+            self.work.count(tokens)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -386,7 +395,10 @@ class OuterOptimizer(torch.optim.Optimizer):
             handle = self.transport.all_reduce(buffers, op="mean", codec=codec, **self.reduce_kwargs(unit.name))
         except CommError as e:
             handle = Handle.failed(e)
-        return PendingSync(unit, handle, buffers, self.local_step)
+        return PendingSync(unit, handle, buffers, self.local_step, self._work_tokens())
+
+    def _work_tokens(self) -> dict[int, int] | None:
+        return None if self.work is None else dict(self.work.last)
 
     def finish(self, pending: PendingSync, apply: Callable[[PendingSync], None],
                rollback: Callable[[PendingSync], None] | None = None) -> bool:
@@ -403,19 +415,24 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.remember_center(pending.unit.name, pending.buffers)
         apply(pending)
         self.sync_count += 1
-        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
-                                        [] if pending.handle.op_id is None else [pending.handle.op_id], True))
+        self.sync_log.append(self._sync_record(pending, True))
         self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
+
+    def _sync_record(self, pending: PendingSync, committed: bool, error: str = "") -> SyncRecord:
+        from ..comm.tokens import token_weights
+
+        tokens = pending.tokens or {}
+        return SyncRecord(pending.name, pending.launch_step, self.local_step,
+                          [] if pending.handle.op_id is None else [pending.handle.op_id], committed, error,
+                          dict(tokens), token_weights(tokens) if tokens else {})
 
     def handle_failure(self, pending: PendingSync, err: CommError,
                        rollback: Callable[[PendingSync], None] | None = None) -> None:
         """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
         (rollback or (lambda p: p.unit.reset_locals()))(pending)
         self.failed_syncs += 1
-        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
-                                        [] if pending.handle.op_id is None else [pending.handle.op_id], False,
-                                        str(err)))
+        self.sync_log.append(self._sync_record(pending, False, str(err)))
         log.warning("sync of %s launched at step %d failed and was rolled back: %s",
                     pending.name, pending.launch_step, err)
         try:
@@ -441,6 +458,7 @@ class OuterOptimizer(torch.optim.Optimizer):
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
             **({"centers": {k: list(v) for k, v in self._centers.items()}} if self._centers else {}),
+            **({"work": self.work.state_dict()} if self.work is not None else {}),
         }
         if self.sharded:  # each rank's state is its own shard: 1/replica_size of the model
             sd["placement"] = {"replica_size": len(self.transport.replica_ranks)}
@@ -487,3 +505,5 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.failed_syncs = int(c.get("failed_syncs", 0))
         self.load_extra_state_dict(state_dict.get("extra", {}))
         self._centers = {k: [t.detach().clone() for t in v] for k, v in state_dict.get("centers", {}).items()}
+        if self.work is not None:
+            self.work.load_state_dict(state_dict.get("work", {}))

@@ -72,9 +72,11 @@ import torch
 from ..comm.base import CommError, Handle, Transport
 from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .diloco import schedule_kwargs
 from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 from .robust import resolve_aggregate, sender_factors
+from .work import WorkTrigger, sync_schedule
 
 __all__ = ["SparseLoCo", "SparseLoCoConfig"]
 
@@ -86,6 +88,9 @@ class SparseLoCo(OuterOptimizer):
         inner: the inner optimizer.
         transport: where the sparse pseudo-gradients are all-gathered.
         sync_every: H, inner steps between syncs (templar: 30).
+        sync_tokens: N: instead of ``sync_every``, sync when the group's tokens since the last sync reach N,
+            each worker's Delta weighted by its tokens before error feedback (:mod:`lowcomm.outer.work`).
+        tokens_per_step: tokens of a step when ``opt.count_tokens(n)`` is not called (``sync_tokens``).
         outer_lr: alpha, the step on ``phi`` with the mean decoded pseudo-gradient (0.6).
         decay: beta, the error buffer's decay in [0, 1] (0.95; 1 keeps every unsent entry).
         topk: k, entries kept per chunk (64; a chunk of <= k entries is sent whole).
@@ -106,9 +111,12 @@ class SparseLoCo(OuterOptimizer):
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
                  bins: int | None = 4, quant_range: float = 6.0, anchor_device: Any = None, strict: bool = False,
-                 timeout: float | None = None, aggregate: Any = "mean"):
+                 timeout: float | None = None, aggregate: Any = "mean", sync_tokens: int | None = None,
+                 tokens_per_step: int | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
-        self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
+        self.sync_every = sync_schedule(sync_every, sync_tokens, 30)
+        if sync_tokens is not None:
+            self.work = WorkTrigger(transport, sync_tokens, tokens_per_step)
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0 (templar: 0.6), got {outer_lr!r}")
@@ -153,7 +161,7 @@ class SparseLoCo(OuterOptimizer):
         return self.codec.payload_bytes()
 
     def after_inner_step(self) -> None:
-        if self.local_step % self.sync_every == 0:
+        if self.work.due() if self.work is not None else self.local_step % self.sync_every == 0:
             self.sync()
 
     @torch.no_grad()
@@ -162,7 +170,10 @@ class SparseLoCo(OuterOptimizer):
         unit, codec = self.units[0], self.codec
         with self.compute_guard():
             # theta := phi - theta (reset after the sync anyway; offloaded: beside phi)
-            work = codec.to_chunks(unit.pseudo_grads(), self._work)  # Delta in the chunk layout ...
+            grads = unit.pseudo_grads()
+            if self.work is not None:  # sync_tokens: Delta weighted by this worker's tokens
+                self.work.weigh(grads)
+            work = codec.to_chunks(grads, self._work)  # Delta in the chunk layout ...
             work.add_(self._error, alpha=self.decay)  # ... + beta * e: the new buffer, beside the old one
             try:
                 payload = codec.encode(work)
@@ -178,7 +189,7 @@ class SparseLoCo(OuterOptimizer):
                 parts, who=f"member {member}'s payload"))
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
-        pending = PendingSync(unit, handle, [], self.local_step)
+        pending = PendingSync(unit, handle, [], self.local_step, self._work_tokens())
         return self.finish(pending, self._apply)
 
     def _apply(self, pending: PendingSync) -> None:
@@ -245,9 +256,10 @@ class SparseLoCoConfig(StrategyConfig):
     quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
     anchor_device: str | None = None  # global weights and error buffers: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
+    sync_tokens: int | None = None  # N: sync when the group's tokens since the last sync reach N (replaces sync_every)
 
     def build(self, inner, transport, model=None) -> SparseLoCo:
-        return SparseLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
+        return SparseLoCo(inner, transport=transport, **schedule_kwargs(self), outer_lr=self.outer_lr,
                           decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
                           quant_range=self.quant_range, anchor_device=self.anchor_device, aggregate=self.aggregate)
 

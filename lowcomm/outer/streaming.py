@@ -47,9 +47,10 @@ import torch
 from ..codecs import ErrorFeedback, wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
-from .diloco import sgd_outer
+from .diloco import schedule_kwargs, sgd_outer
 from .placement import mix_, resolve_anchor_device, sub_
 from .registry import StrategyConfig, register_strategy
+from .work import WorkTrigger, sync_schedule
 
 __all__ = ["StreamingDiLoCo", "StreamingDiLoCoConfig"]
 
@@ -66,6 +67,9 @@ class StreamingDiLoCo(OuterOptimizer):
         transport: where the pseudo-gradients are averaged.
         model: the model, to find its repeated blocks when ``fragments`` is a count > 1.
         sync_every: H, inner steps between two syncs of the same fragment.
+        sync_tokens: N: instead of ``sync_every``, a fragment sync every N / F group tokens, the fragments
+            in turn, each member's pseudo-gradient weighted by its tokens (:mod:`lowcomm.outer.work`).
+        tokens_per_step: tokens of a step when ``opt.count_tokens(n)`` is not called (``sync_tokens``).
         fragments: F (a count; the blocks are split strided) or an explicit list of F module groups.
         overlap: tau, inner steps a fragment's sync stays in flight (0 = applied at once).
         alpha: mixing weight of the local weights when a sync lands (0 = take the global ones).
@@ -92,19 +96,22 @@ class StreamingDiLoCo(OuterOptimizer):
                  codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
                  fragment_mode: str = "strided", anchor_device: Any = None, strict: bool = False,
-                 timeout: float | None = None, aggregate: Any = "mean"):
+                 timeout: float | None = None, aggregate: Any = "mean", sync_tokens: int | None = None,
+                 tokens_per_step: int | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         from ..fragments import split_fragments
 
-        H = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between two syncs of a "
-                      "fragment")
+        H = sync_schedule(sync_every, sync_tokens, 100)
         groups = split_fragments(model, fragments, params=self.params, mode=fragment_mode)
         F = len(groups)
-        if H % F:
+        if sync_tokens is not None:
+            self.work = WorkTrigger(transport, sync_tokens, tokens_per_step, window=F)
+            self._next_fragment = 0
+        elif H % F:
             raise ValueError(f"sync_every ({H}) must be a multiple of the number of fragments ({F}), so the "
                              f"fragments sync every H/F steps; e.g. sync_every={H - H % F or F}")
         tau = check_int("overlap", overlap, 0, "it is tau, the inner steps a sync stays in flight")
-        if tau >= H // F:
+        if sync_tokens is None and tau >= H // F:
             raise ValueError(f"overlap ({tau}) must be < sync_every / fragments ({H // F}) so that only one fragment "
                              f"is in flight at a time; lower overlap or raise sync_every")
         self.alpha = check_float("alpha", alpha, 0.0, 1.0)
@@ -146,7 +153,12 @@ class StreamingDiLoCo(OuterOptimizer):
         t = self.local_step
         if self._pending is not None and t >= self._pending.launch_step + self.overlap:
             self._finish()
-        p = self.fragment_due(t)
+        if self.work is not None:  # by tokens: the fragments in turn, one every sync_tokens / F tokens
+            p = self._next_fragment if self.work.due() else None
+            if p is not None:
+                self._next_fragment = (p + 1) % self.num_fragments
+        else:
+            p = self.fragment_due(t)
         if p is not None:
             if self._pending is not None:  # cannot happen with tau < H/F; kept as a guard
                 self._finish()
@@ -190,6 +202,8 @@ class StreamingDiLoCo(OuterOptimizer):
             ef.compensate_(flat)
             # the error of exactly what this worker sends: the all-reduce encodes one shard per member
             ef.residual(flat, shards=len(self.transport.members()), out=self._ef_pending[:n])
+        if self.work is not None:
+            self.work.weigh([flat])
         self._pending_fragment = p
         self._pending = self.launch_reduce(unit, [flat], codec=self.codec)
 
@@ -227,7 +241,7 @@ class StreamingDiLoCo(OuterOptimizer):
     def extra_state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"config": {"sync_every": self.sync_every, "fragments": self.num_fragments,
                                          "overlap": self.overlap, "sizes": list(self.fragment_sizes)},
-                              "pending": None,
+                              "pending": None, "next_fragment": getattr(self, "_next_fragment", 0),
                               "error": None if self._ef is None else [ef.error for ef in self._ef]}
         if self._pending is not None:
             p = self._pending_fragment
@@ -257,6 +271,8 @@ class StreamingDiLoCo(OuterOptimizer):
             for ef, e in zip(self._ef, sd["error"]):
                 ef.load_state_dict({"error": e})
         self._pending, self._pending_fragment = None, -1
+        if self.work is not None:
+            self._next_fragment = int(sd.get("next_fragment", 0)) % self.num_fragments
         pend = sd.get("pending")
         if pend is not None:
             p = int(pend["fragment"])
@@ -286,9 +302,10 @@ class StreamingDiLoCoConfig(StrategyConfig):
     fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
     anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
+    sync_tokens: int | None = None  # N: each fragment syncs every N group tokens (one every N/F; replaces sync_every)
 
     def build(self, inner, transport, model=None) -> StreamingDiLoCo:
-        return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
+        return StreamingDiLoCo(inner, transport=transport, model=model, **schedule_kwargs(self),
                                fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
                                outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
                                error_feedback=self.error_feedback, fragment_mode=self.fragment_mode,
