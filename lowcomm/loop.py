@@ -238,6 +238,7 @@ def worker_step(model: torch.nn.Module, opt: OuterOptimizer, x: torch.Tensor, y:
         fb = time.perf_counter() - t0
     n_log = len(opt.sync_log)
     t1 = time.perf_counter()
+    opt.count_tokens(int(y.numel()))  # weighs this step's work when syncs are called by tokens
     opt.step()
     if last:
         opt.flush()  # land a sync still in flight (Streaming DiLoCo) before the final eval and exit

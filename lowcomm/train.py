@@ -11,8 +11,9 @@ Worlds:
 
 - **Standalone**: a world of one replica (the local transport with one member), the full code path.
 - **torchrun**: the world is split into replicas of ``replica_size`` ranks. Ranks inside a replica
-  run ordinary data parallelism (torch ``DistributedDataParallel`` on the replica's process group);
-  across replicas the outer optimizer syncs through the torch.distributed transport.
+  run ordinary data parallelism (torch ``DistributedDataParallel`` on the replica's process group),
+  or with ``parallel="fsdp"`` shard the model with FSDP2 (:mod:`lowcomm.replica`); across replicas
+  the outer optimizer syncs through the torch.distributed transport.
 - **Any transport** passed in (the local transport in tests, the ZeroMQ transport for volunteers).
 
 Batches: replica ``r`` draws ``batch_size`` sequences per step from its own disjoint shard of
@@ -23,7 +24,8 @@ rows in every layout: DDP averages ranks as ``sum(g_i / R)`` and accumulation ad
 with 2 micro-batches agree to rounding.
 
 Every ``checkpoint_every`` steps each replica's first rank writes
-``<out>/checkpoints/step_<N>/replica_<r>`` (safetensors + JSON, :mod:`lowcomm.checkpoint`):
+``<out>/checkpoints/step_<N>/replica_<r>`` (with FSDP every rank writes its shards to
+``replica_<r>/rank_<k>``; safetensors + JSON, :mod:`lowcomm.checkpoint`):
 model, optimizer state (inner, global parameters, outer state, counters), data position, RNG
 states and the loop's counters; ``resume`` continues from the newest step that every replica
 completed, on exactly the trajectory of an uninterrupted run.
@@ -49,6 +51,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .comm.base import Transport
 from .loop import environment, eval_batches, evaluate, lr_factor, worker_step
 from .progress import Progress
+from .replica import check_same_layout, checkpoint_name, full_parameters, full_state_dict, load_state, local_state, wrap
 from .train_config import ModelConfig, TrainConfig, TrainResult, apply_overrides, load_recipe
 
 __all__ = ["ModelConfig", "TrainConfig", "TrainResult", "add_arguments", "apply_overrides", "load_recipe", "main",
@@ -73,7 +76,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 class _Layout:
     """Where this process sits: replica index, number of replicas, rank inside the replica."""
 
-    def __init__(self, transport: Transport, replica_size: int):
+    def __init__(self, transport: Transport, replica_size: int, parallel: str = "ddp"):
         self.transport = transport
         self.replica_group = transport.replica_group
         if self.replica_group is not None:
@@ -90,21 +93,30 @@ class _Layout:
         self.n_replicas = transport.world_size
         self.leader = self.replica_rank == 0  # writes this replica's checkpoint
         self.chief = self.leader and self.replica == transport.members()[0]  # logs and evaluates
+        # FSDP: each rank holds a shard (and writes it); a forward pass needs the whole replica
+        self.sharded = parallel == "fsdp" and self.replica_size > 1
+        self.evaluates = self.chief or (self.sharded and self.replica == transport.members()[0])
+
+    def checkpoints(self) -> list[str]:
+        """The folders one complete checkpoint step holds, one per writer."""
+        ranks = range(self.replica_size) if self.sharded else [0]
+        return [checkpoint_name(r, k, self.sharded) for r in range(self.n_replicas) for k in ranks]
 
 
 def _checkpoint_root(out_dir: str) -> str:
     return os.path.join(out_dir, "checkpoints")
 
 
-def newest_complete_checkpoint(out_dir: str, n_replicas: int) -> tuple[int, str] | None:
-    """(step, folder) of the newest checkpoint that every replica finished writing."""
+def newest_complete_checkpoint(out_dir: str, n_replicas: int | list[str]) -> tuple[int, str] | None:
+    """(step, folder) of the newest checkpoint that every replica (every writer named) finished writing."""
     root = _checkpoint_root(out_dir)
     if not os.path.isdir(root):
         return None
     steps = sorted((int(n[5:]) for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()), reverse=True)
     for s in steps:
         d = os.path.join(root, f"step_{s:08d}")
-        if all(os.path.isfile(os.path.join(d, f"replica_{r}", "state.json")) for r in range(n_replicas)):
+        names = [f"replica_{r}" for r in range(n_replicas)] if isinstance(n_replicas, int) else n_replicas
+        if all(os.path.isfile(os.path.join(d, name, "state.json")) for name in names):
             return s, d
     return None
 
@@ -130,8 +142,9 @@ def _connect(cfg: TrainConfig) -> Transport:
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if under_torchrun and not os.environ.get("LOWCOMM_COORDINATOR"):
-        # The slow cross-replica links carry one copy of the model per replica, not one per rank.
-        return connect(cfg.replica_size, hierarchical=cfg.hierarchical)
+        # The slow cross-replica links carry one copy of the model per replica, not one per rank
+        # (FSDP's ranks hold different shards: each syncs its own over the flat path).
+        return connect(cfg.replica_size, hierarchical=cfg.hierarchical and cfg.parallel != "fsdp")
     return connect(cfg.replica_size)
 
 
@@ -182,9 +195,10 @@ class _Run:
         cfg.validate()
         self.cfg, self.setup = cfg, cfg.setup()
         self.transport = transport = transport if transport is not None else _connect(cfg)
-        self.layout = layout = _Layout(transport, cfg.replica_size)
+        self.layout = layout = _Layout(transport, cfg.replica_size, cfg.parallel)
         if every_member_logs:
             layout.chief = layout.leader
+            layout.evaluates = layout.chief or layout.sharded
         if cfg.batch_size % (layout.replica_size * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by ranks per replica x grad_accum "
                              f"({layout.replica_size} x {cfg.grad_accum})")
@@ -204,13 +218,7 @@ class _Run:
             self.model = model = GPT(mcfg)
         model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.fwd = model
-        if layout.replica_group is not None and layout.replica_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Ordinary data parallelism inside the replica; DDP broadcasts the first rank's weights.
-            self.fwd = DistributedDataParallel(model, process_group=layout.replica_group,
-                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.fwd = wrap(model, layout.replica_group, layout.replica_size, cfg.parallel, self.device)
         self.opt = self.setup.build(model, transport, weight_decay=cfg.weight_decay, betas=cfg.betas)
         # ZeroMQ: members snapshot their state for joiners; a joiner fetches a donor's state here.
         # Members of strategies that share global state hold the same one, which the joiner checks.
@@ -234,17 +242,24 @@ class _Run:
         if not resume:
             return
         cfg, layout = self.cfg, self.layout
+        if os.path.isfile(os.path.join(self.out_dir, "config.json")):
+            with open(os.path.join(self.out_dir, "config.json")) as f:
+                check_same_layout(cfg, json.load(f), f"the run in {self.out_dir}")
         found = (int(os.path.basename(os.path.normpath(resume))[5:]), resume) if isinstance(resume, str) \
-            else newest_complete_checkpoint(self.out_dir, layout.n_replicas)
+            else newest_complete_checkpoint(self.out_dir, layout.checkpoints())
         if found is None:
             self.say(f"no checkpoint in {_checkpoint_root(self.out_dir)}; starting from scratch")
             return
-        ck = load_checkpoint(os.path.join(found[1], f"replica_{layout.replica}"), device=self.device)
+        name = checkpoint_name(layout.replica, layout.replica_rank, layout.sharded)
+        if not os.path.isfile(os.path.join(found[1], name, "state.json")):
+            raise ValueError(f"checkpoint {found[1]} has no {name}: it was written with another replica size or "
+                             f"parallelism; resume with the layout that wrote it")
+        ck = load_checkpoint(os.path.join(found[1], name), device=self.device)
         if ck["config"]["strategy"] != cfg.strategy or ck["config"]["model"] != dataclasses.asdict(cfg.model):
             raise ValueError(f"checkpoint {found[1]} was written by a run with another strategy or model; "
                              f"resume with the recipe that wrote it")
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        check_same_layout(cfg, ck["config"], f"checkpoint {found[1]}")
+        load_state(self.model, self.opt, ck["model"], ck["optimizer"])
         self.stream.load_state_dict(ck["data"])
         set_rng_state(ck["rng"])
         c = ck["counters"]
@@ -328,7 +343,7 @@ class _Run:
     def evaluate(self) -> None:
         """Held-out loss every ``eval_every`` steps and at the end (the chief only)."""
         cfg, step = self.cfg, self.step_no
-        if not self.layout.chief or not (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if not self.layout.evaluates or not (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             return
         ev = evaluate(self.model, self.held_out, self.device, self.amp)
         self.eval_curve.append((step, ev))
@@ -364,14 +379,15 @@ class _Run:
         sent = self.bytes_base + self.transport.ledger.bytes_sent
         opt = self.opt
         res = TrainResult(step, self.tokens, self.final_eval, self.eval_curve, sent, opt.sync_count,
-                          opt.failed_syncs, seconds, [p.detach().to("cpu", copy=True) for p in self.model.parameters()],
+                          opt.failed_syncs, seconds, full_parameters(self.model),
                           out_dir, self.timeline, self.start_step, list(opt.sync_log))
+        weights = full_state_dict(self.model)  # an all-gather inside a sharded replica: every rank calls it
         if layout.leader:
             # Each replica's final weights (its local parameters), for inspection and comparisons.
             from safetensors.torch import save_file
 
             os.makedirs(os.path.join(out_dir, "final"), exist_ok=True)
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()
+            save_file({k: v for k, v in weights.items()
                        if k != "head.weight"},  # tied to tok_emb.weight; safetensors refuses aliases
                       os.path.join(out_dir, "final", f"replica_{layout.replica}.safetensors"))
         if layout.chief:
@@ -426,11 +442,10 @@ def _data(cfg: TrainConfig, layout: _Layout) -> tuple:
 
 def _save(cfg, out_dir, layout, model, opt, stream, step, tokens, sent, seconds, eval_curve) -> None:
     d = os.path.join(_checkpoint_root(out_dir), f"step_{step:08d}")
-    if layout.leader:
-        save_checkpoint(os.path.join(d, f"replica_{layout.replica}"), {
+    if layout.leader or layout.sharded:  # with FSDP every rank writes its own shards
+        save_checkpoint(os.path.join(d, checkpoint_name(layout.replica, layout.replica_rank, layout.sharded)), {
             "config": cfg.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
+            **local_state(model, opt),
             "data": stream.state_dict(),
             "rng": rng_state(),
             "counters": {"step": step, "tokens": tokens, "bytes_sent": sent, "seconds": seconds,

@@ -69,6 +69,7 @@ class TrainConfig:
     out_dir: str = ""  # output folder ("" = runs/<name>)
     replica_size: int = 1  # ranks per replica under torchrun (ordinary data parallelism inside)
     hierarchical: bool = True  # torchrun: each of a replica's R ranks syncs 1/R across replicas, then all-gathers
+    parallel: str = "ddp"  # inside a replica: "ddp" (DistributedDataParallel) | "fsdp" (FSDP2; hierarchical off)
     device: str = "auto"  # "auto" (cuda when present) | "cpu" | "cuda"
     amp: bool = True  # bf16 autocast on CUDA
     threads: int = 0  # torch CPU threads (0: leave as is)
@@ -92,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.dataset and not self.model.vocab_size:
             raise ValueError("a recipe's own dataset needs model.vocab_size (its tokenizer's vocabulary size)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp' (how a replica's ranks share the model), "
+                             f"got {self.parallel!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.setup()  # knob names and types, the inner optimizer's name

@@ -6,6 +6,8 @@ and a Nesterov outer step (lr 0.7, momentum 0.9). H is short because the run is 
 
     lowcomm train --recipe recipes/tiny_diloco.py
     torchrun --nproc-per-node 4 -m lowcomm.train --recipe recipes/tiny_diloco.py --set replica_size=2
+    torchrun --nproc-per-node 4 -m lowcomm.train --recipe recipes/tiny_diloco.py --set replica_size=2 \
+        --set parallel=fsdp     # FSDP2 inside each replica instead of DDP
 """
 
 from lowcomm.train import ModelConfig, TrainConfig

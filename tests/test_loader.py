@@ -143,3 +143,16 @@ def test_vectorised_seeding_equals_numpy():
             s.step = k
             want = np.random.default_rng([seed, rank, world, k]).integers(s.lo, s.hi, size=7)
             assert np.array_equal(next(s), want), (seed, rank, world, k)
+
+
+def test_loader_never_touches_the_global_rng():
+    """Making and iterating a loader leaves torch's global RNG alone (worker threads seed and build models with it)."""
+    c = _corpus()
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    s = c.stream(0, 2, 4, seed=1)
+    next(s)
+    s.load_state_dict(s.state_dict())
+    next(s)
+    assert torch.equal(torch.rand(3), want)

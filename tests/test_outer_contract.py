@@ -132,3 +132,62 @@ def test_codec_allocates_on_the_data_device(spec):
         ef.residual(x.clone(), shards=3)
     assert all(p.device.type == "cpu" for p in parts) and torch.equal(got, want)
     assert ef.error.device.type == "cpu" and ef._pending.device.type == "cpu"
+
+
+# ---- anchor_device="cpu": lowcomm's state off the parameters' device, formed in chunks -------------------
+_OFFLOADABLE = [
+    ("diloco", {"sync_every": 2, "codec": "int8"}),
+    ("fedavg", {"sync_every": 3}),
+    ("streaming", {"sync_every": 2, "fragments": 2, "overlap": 0, "codec": "e3m0", "error_feedback": True}),
+    ("streaming", {"sync_every": 4, "fragments": 2, "overlap": 1, "alpha": 0.3, "codec": None}),
+    ("noloco", {"sync_every": 2}),
+    ("noloco", {"sync_every": 2, "consensus_lr": 0.0}),
+    ("noloco", {"sync_every": 2, "consensus_lr": 0.3}),
+    ("sparseloco", {"sync_every": 2, "topk": 3, "chunk": 4}),
+]
+
+
+@pytest.mark.parametrize("name,knobs", _OFFLOADABLE)
+def test_anchor_device_cpu_chunked_equals_on_device(name, knobs, monkeypatch):
+    from lowcomm.outer import placement
+
+    ref, ref_opt = _run(name, knobs, 7)
+    monkeypatch.setattr(placement, "CHUNK", 5)  # every tensor crosses chunk boundaries (the biggest has 64)
+    got, opt = _run(name, {**knobs, "anchor_device": "cpu"}, 7, default_device="meta")
+    assert all(u.offloaded for u in opt.units) and not any(u.offloaded for u in ref_opt.units)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))  # bitwise: the outer step runs on the same kind
+    for u, v in zip(ref_opt.units, opt.units):
+        assert all(torch.equal(a, b) for a, b in zip(u.anchors, v.anchors))
+    # every tensor lowcomm holds is on the anchor device (a stray allocation would land on "meta")
+    assert {str(x.device) for x in _tensors(opt)} <= {"cpu"}
+    sd = opt.state_dict()
+    assert {str(x.device) for x in _tensors(sd)} <= {"cpu"}
+
+
+def test_anchor_device_is_checked():
+    m = _model()
+    for bad in ("tpu-ish", "meta", 3.5):
+        with pytest.raises(ValueError, match="anchor_device"):
+            lowcomm.DiLoCo(torch.optim.SGD(m.parameters(), lr=0.1), transport=lowcomm.connect(), anchor_device=bad)
+
+
+def test_dtensor_parameters_need_a_transport_that_knows_the_replica():
+    # A mesh of one process (no process group needed for Replicate): parameters become DTensors.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not dist.is_available():
+        pytest.skip("torch without distributed")
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        p = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 2), mesh, [Replicate()]))
+        with pytest.raises(ValueError, match="does not know the replica's ranks"):
+            lowcomm.DiLoCo(torch.optim.SGD([p], lr=0.1), transport=lowcomm.connect())
+        for name in ("demo", "ddp"):
+            with pytest.raises(ValueError, match="does not accept DTensor"):
+                get_strategy(name).build(torch.optim.SGD([p], lr=0.1), lowcomm.connect(), None)
+    finally:
+        dist.destroy_process_group()

@@ -151,3 +151,24 @@ def test_configured_step_seconds_replace_measured_compute():
     assert r.sim_seconds["1Mbit"] == pytest.approx(expect, rel=1e-12)
     with pytest.raises(ValueError, match="step_seconds"):
         SimConfig(step_seconds=0)
+
+
+def test_uneven_speeds_clock_and_token_syncs():
+    """--speeds: the clock advances by the slowest worker of each phase; sync_tokens runs to the budget."""
+    W = 2
+    kw = dict(workers=W, batch_size=2, model=TINY, eval_every=2, eval_sequences=2, threads=1, bandwidths=(1e6,),
+              latency=0.01, warmup_steps=1, step_seconds=1.0, speeds="1,0.5")
+    net = Network(1e6, 0.01)
+    r = run_strategy("diloco", SimConfig(steps=4, **kw), {"sync_every": 2})
+    P = r.params
+    sync = net.seconds("all_reduce", W, max(allreduce_bytes(P, W)))
+    setup = net.seconds("broadcast", W, (W - 1) * P * 4)
+    # waiting for the slowest: 2 phases of 2 steps at half speed
+    assert r.sim_seconds["1Mbit"] == pytest.approx(setup + 2 * (4.0 + sync), rel=1e-12)
+    # by tokens (3 steps' worth of the group's tokens): the sync is called at T = 2 (2 fast steps + 1 slow);
+    # the budget of 6 fast steps holds 3 such phases
+    t = run_strategy("diloco", SimConfig(steps=6, **kw), {"sync_tokens": 3 * 2 * TINY.seq_len})
+    assert t.syncs == 3 and t.tokens == (6 + 3) * 2 * TINY.seq_len
+    assert t.sim_seconds["1Mbit"] == pytest.approx(setup + 3 * (2.0 + sync), rel=1e-12)
+    with pytest.raises(ValueError, match="one relative speed per worker"):
+        SimConfig(workers=3, speeds="1,1")

@@ -337,7 +337,7 @@ def test_registered_for_the_simulator():
     s = lowcomm.get_strategy("sparseloco")
     assert s.default_run and s.config.inner is None  # the loop's default inner optimizer: AdamW
     assert s.defaults == {"sync_every": 30, "outer_lr": 0.6, "decay": 0.95, "topk": 64, "chunk": 64, "bins": 4,
-                          "quant_range": 6.0, "aggregate": "mean"}
+                          "quant_range": 6.0, "anchor_device": None, "aggregate": "mean", "sync_tokens": None}
     m = make_model()
     opt = s.make_config({"bins": "none", "topk": "32"}).build(torch.optim.AdamW(m.parameters(), lr=1e-3),
                                                               world_of_one(), m)

@@ -221,6 +221,14 @@ class Transport(abc.ABC):
     """Optional capability: the process group of this member's replica (ranks that do ordinary data
     parallelism together, e.g. for ``DistributedDataParallel``); None where a member is one process."""
 
+    replica_ranks: list[int] | None = None
+    """Optional capability: the global torch.distributed ranks of this member's replica (the mesh that
+    FSDP2 may shard parameters over); None where the transport does not know them."""
+
+    hierarchical: bool = False
+    """Whether ``all_reduce`` assumes every rank of a replica holds the same tensors (syncing 1/R of them
+    per rank); sharded (FSDP) parameters need the flat path."""
+
     @property
     @abc.abstractmethod
     def rank(self) -> int:
@@ -244,6 +252,16 @@ class Transport(abc.ABC):
     """Capability: the rules ``all_reduce(aggregate=...)`` serves (:mod:`lowcomm.comm.aggregate`).
     A transport that lists only ``"mean"`` need not accept the ``aggregate``/``center`` keywords;
     strategies pass them only for another rule, after checking this at construction."""
+
+    token_syncs: bool = False
+    """Capability: :meth:`tally_tokens` calls syncs by work done (``sync_tokens=`` on a strategy)."""
+
+    def tally_tokens(self, tokens: int, target: int) -> dict[int, int] | None:
+        """Report that this member finished a step of ``tokens`` tokens; None while the group's tokens
+        since the last sync are below ``target``, else every member's tokens since the last sync (the
+        same dict on every member: they all sync now, see :mod:`lowcomm.comm.tokens`). Only a
+        transport with :attr:`token_syncs` implements it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot call syncs by tokens")
 
     @abc.abstractmethod
     def all_reduce(self, tensors: Sequence[torch.Tensor], op: str = "mean", codec: Any = None) -> Handle:

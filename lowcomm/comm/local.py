@@ -36,6 +36,7 @@ from .aggregate import RULES
 from .audit import AuditBoard, run_audit
 from .base import DEFAULT_TIMEOUT, CommError, CommTimeout, Handle, OpRecord, PeerLost, tensor_nbytes
 from .p2p import P2PTransport
+from .tokens import TokenBoard, parse_speeds
 
 __all__ = ["Fault", "LocalTransport", "LocalWorld", "WorkerKilled", "run_local"]
 
@@ -60,7 +61,7 @@ class LocalWorld:
     """Shared state of a group of local workers: mailboxes, liveness, commit votes."""
 
     def __init__(self, world_size: int, timeout: float = DEFAULT_TIMEOUT, adversary: Adversary | None = None,
-                 max_offences: int = 3, audit: float = 0.0, seed: int = 0):
+                 max_offences: int = 3, audit: float = 0.0, seed: int = 0, speeds: Any = None):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
@@ -74,6 +75,8 @@ class LocalWorld:
         self.alive: set[int] = set(range(world_size))
         self.stalled: set[int] = set()
         self.epoch = 0
+        # relative compute speeds: when token-triggered syncs are due (lowcomm.comm.tokens)
+        self.tokens = TokenBoard(parse_speeds([1] * world_size if speeds is None else speeds, world_size))
 
     def kill(self, rank: int) -> None:
         with self._cv:
@@ -137,6 +140,7 @@ class LocalTransport(P2PTransport):
     """One worker's view of a :class:`LocalWorld` (see the module docstring)."""
 
     aggregate_rules = RULES
+    token_syncs = True
 
     def __init__(self, world: LocalWorld, rank: int, fault: Fault | None = None,
                  timeout: float | None = None):
@@ -150,6 +154,7 @@ class LocalTransport(P2PTransport):
         self._epoch = world.epoch
         self._cur_seq = -1
         self._sent_in_op = 0
+        self._token_phase = 0
 
     @property
     def rank(self) -> int:
@@ -166,6 +171,20 @@ class LocalTransport(P2PTransport):
     def refresh(self) -> None:
         self._members = sorted(self.world.alive)
         self._epoch = self.world.epoch
+
+    @property
+    def token_phase(self) -> int:
+        """Token-triggered syncs called so far (the world's :class:`TokenBoard` phase)."""
+        return self._token_phase
+
+    def tally_tokens(self, tokens: int, target: int) -> dict[int, int] | None:
+        world = self.world
+        got = world.tokens.step(self.rank, self._token_phase, tokens, target,
+                                lambda: [m for m in world.alive if m not in world.book.ejected],
+                                time.monotonic() + self.timeout)
+        if got is not None:
+            self._token_phase += 1
+        return got
 
     # ---- simulation hooks (attacks, offences) ----------------------------------------------
     def _contribution(self, seq, members, flat):

@@ -5,7 +5,12 @@ consecutive ranks (replica ``k`` holds global ranks ``kR .. kR+R-1``):
 
 * inside a replica the ranks do ordinary data parallelism: :attr:`TorchDistTransport.replica_group`
   is a process group of the default backend (nccl when CUDA is there, else gloo) for
-  ``DistributedDataParallel(model, process_group=t.replica_group)`` or FSDP;
+  ``DistributedDataParallel(model, process_group=t.replica_group)``, or FSDP2 with
+  ``fully_shard(module, mesh=DeviceMesh.from_group(t.replica_group, device_type))``. With FSDP
+  each rank holds a shard of every parameter (a DTensor); the strategies that accept it
+  (DiLoCo, FedAvg, Streaming DiLoCo, NoLoCo) keep global weights and outer state for the local
+  shard only and sync it over the flat path below, so ``hierarchical`` must be False
+  (:mod:`lowcomm.outer.placement`);
 * across replicas the outer optimizer syncs rarely (DiLoCo, Douillard et al. 2023,
   arXiv 2311.08105): rank ``r`` of every replica syncs with rank ``r`` of the others. The
   transport's members are the replicas: ``rank`` is the replica index, ``members()`` is
@@ -100,6 +105,7 @@ class TorchDistTransport(GlooP2P):
 
     Attributes:
         replica_group: process group of this rank's replica (default backend), for DDP/FSDP.
+        replica_ranks: the global ranks of this rank's replica (the mesh FSDP must shard over).
         replica_id / replica_rank / num_replicas / replica_size: where this rank sits.
         ledger: bytes sent to other replicas; replica_ledger: bytes sent inside the replica
             by the hierarchical all-gather.
@@ -141,6 +147,7 @@ class TorchDistTransport(GlooP2P):
             raise CommTimeout([], f"creating lowcomm's process groups failed within {timeout}s on global rank "
                                   f"{grank}: {e}") from e
         self.replica_group = user[self.replica_id]
+        self.replica_ranks = replica_ranks[self.replica_id]
         super().__init__(cross[self.replica_rank], cross_ranks[self.replica_rank], self.replica_id, timeout)
         # The intra-replica messages of the hierarchical sync run on this transport's single
         # communication thread (inside its operations), never on their own.

@@ -224,7 +224,10 @@ class ShardLoader:
             loader_args = {"batch_sampler": self.sampler}
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.13 deprecates
             warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
-            self.loader = StatefulDataLoader(dataset, collate_fn=collate_fn, **loader_args)
+            # A private generator: a DataLoader iterator draws its base seed from ``generator``, which
+            # would otherwise be torch's global RNG, shared with worker threads building their models.
+            self.loader = StatefulDataLoader(dataset, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0),
+                                             **loader_args)
         self._it: Iterator = self._iter()
 
     def __iter__(self) -> ShardLoader:

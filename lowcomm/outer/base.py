@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..comm.base import CommError, Handle, Transport, check_transport
+from . import placement
 from .multi import as_inner, inner_list, load_inner
 
 __all__ = ["OuterFactory", "OuterOptimizer", "PendingSync", "SyncRecord", "SyncUnit", "default_outer_optimizer"]
@@ -72,13 +73,17 @@ class SyncUnit:
     DiLoCo has one unit (the whole model); Streaming DiLoCo has one per fragment.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory | None, name: str = "all"):
+    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory | None, name: str = "all",
+                 anchor_device: torch.device | None = None):
         self.name = name
         self.params = list(params)
         if not self.params:
             raise ValueError(f"sync unit {name!r} has no parameters")
-        # Anchors are leaves of their own, so a stock torch optimizer can step them.
-        self.anchors = [p.detach().clone() for p in self.params]
+        # Anchors are leaves of their own, so a stock torch optimizer can step them. They are plain
+        # tensors of the local shard (see placement.py), on anchor_device when one is given.
+        self.offloaded = anchor_device is not None
+        self.anchors = [placement.anchor_copy(p, anchor_device) for p in self.locals]
+        self._scratch: list[torch.Tensor] | None = None
         factory = factory or default_outer_optimizer
         if not callable(factory):
             raise ValueError("outer_optimizer must be a callable taking an iterable of parameters and returning a "
@@ -99,10 +104,43 @@ class SyncUnit:
         for a in self.anchors:
             a.grad = None
 
+    @property
+    def locals(self) -> list[torch.Tensor]:
+        """The parameters as plain tensors (a DTensor's local shard), sharing their storage."""
+        return [placement.local_tensor(p) for p in self.params]
+
+    def _beside(self) -> list[torch.Tensor]:
+        if self._scratch is None:  # offloaded: one reused buffer beside the anchors
+            self._scratch = [placement.anchor_copy(a, a.device) for a in self.anchors]
+        return self._scratch
+
+    def working_copies(self) -> list[torch.Tensor]:
+        """The local weights where the anchors are: the parameters themselves, or (offloaded) a reused
+        buffer beside the anchors holding a copy. Either may be overwritten: the sync resets the locals."""
+        if not self.offloaded:
+            return self.locals
+        for s, p in zip(self._beside(), self.locals):
+            placement.copy_(s, p)
+        return self._scratch
+
+    @torch.no_grad()
+    def pseudo_grads(self) -> list[torch.Tensor]:
+        """Global minus local weights (points like a gradient), beside the anchors: in the local weights
+        themselves, or offloaded in a reused buffer, formed chunk by chunk."""
+        locs = self.locals
+        out = self._beside() if self.offloaded else locs
+        for o, p, a in zip(out, locs, self.anchors):
+            placement.pseudo_grad_(o, p, a)
+        return out
+
     @torch.no_grad()
     def reset_locals(self) -> None:
         """Local parameters := global parameters."""
-        torch._foreach_copy_(self.params, self.anchors)
+        if not self.offloaded:
+            torch._foreach_copy_(self.locals, self.anchors)
+            return
+        for p, a in zip(self.locals, self.anchors):
+            placement.copy_(p, a)
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchors": list(self.anchors), "outer": self.outer.state_dict()}
@@ -127,6 +165,7 @@ class PendingSync:
     handle: Handle
     buffers: list[torch.Tensor]
     launch_step: int
+    tokens: dict[int, int] | None = None  # every member's tokens since the last sync (sync_tokens)
 
     @property
     def name(self) -> str:
@@ -144,6 +183,8 @@ class SyncRecord:
     op_ids: list[int]
     committed: bool
     error: str = ""
+    tokens: dict[int, int] = field(default_factory=dict)  # sync_tokens: each member's tokens in this sync
+    weights: dict[int, float] = field(default_factory=dict)  # ... and its weight (lowcomm.comm.tokens)
 
 
 class OuterOptimizer(torch.optim.Optimizer):
@@ -172,9 +213,14 @@ class OuterOptimizer(torch.optim.Optimizer):
       the inner step (DeMo's transforms); a simulator that serializes compute sets it to its lock.
     - :meth:`detections`: members this strategy itself screened out or rejected (robust
       aggregation applied outside the transport: DeMo's decode, NoLoCo's partner screening).
+    - :attr:`supports_sharding`: the strategy is exact on DTensor (FSDP2) shards, one shard per rank
+      (:mod:`.placement`); strategies without it raise ValueError at construction, with
+      :attr:`sharding_reason`.
     """
 
     shares_global_state: bool = False
+    supports_sharding: bool = False
+    sharding_reason: str = "it has not been shown exact on FSDP shards"
 
     def __init__(self, inner: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, transport: Transport,
                  strict: bool = False, timeout: float | None = None, aggregate: Any = None):
@@ -201,6 +247,11 @@ class OuterOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter appears twice in the inner optimizer's param_groups")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.sharded = placement.check_sharded(params, self.transport, type(self).__name__, self.supports_sharding,
+                                               self.sharding_reason)
+        if self.sharded:
+            for opt in inner_list(inner):
+                placement.check_inner_on_shards(opt)
         # torch's own initialisation (hook registries, step patching, ...). The param_groups, state
         # and defaults it assigns are properties forwarding to the inner optimizer (so schedulers and
         # hooks act on the inner groups, even after inner.load_state_dict); until ``self.inner`` is
@@ -208,6 +259,10 @@ class OuterOptimizer(torch.optim.Optimizer):
         super().__init__(inner.param_groups, inner.defaults)
         self.inner = inner
         self.aggregate = self.resolve_aggregate(aggregate)
+        if self.sharded and self.aggregate.robust:
+            raise ValueError("robust aggregation judges each member's contribution by its norm, but with FSDP each "
+                             "rank holds a shard and would judge its shard alone (another rule per shard); use "
+                             "aggregate='mean' with sharded parameters, or DistributedDataParallel inside the replica")
         # centered_clip starts each sync from the previous committed aggregate of the same unit
         self._centers: dict[str, list[torch.Tensor]] = {}
         self.strict = bool(strict)
@@ -218,6 +273,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.sync_log: list[SyncRecord] = []
         self.units: list[SyncUnit] = []
         self.compute_guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+        self.work: Any = None  # a WorkTrigger (lowcomm.outer.work) when syncs are called by tokens
 
     # ---- torch.optim.Optimizer surface ------------------------------------------------------
     @property
@@ -265,6 +321,11 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.local_step += 1
         self.after_inner_step()
         return loss
+
+    def count_tokens(self, tokens: int) -> None:
+        """Tokens of the next inner step (weighs the contributions of ``sync_tokens=``; ignored otherwise)."""
+        if self.work is not None:
+            self.work.count(tokens)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -320,7 +381,7 @@ class OuterOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def broadcast_initial(self, tensors: Sequence[torch.Tensor] | None = None) -> None:
         """Make every member start from the first member's parameters (one broadcast)."""
-        tensors = self.params if tensors is None else list(tensors)
+        tensors = [placement.local_tensor(p) for p in (self.params if tensors is None else tensors)]
         src = self.transport.members()[0]
         self.transport.broadcast(tensors, src=src).wait(self.timeout)
 
@@ -334,7 +395,10 @@ class OuterOptimizer(torch.optim.Optimizer):
             handle = self.transport.all_reduce(buffers, op="mean", codec=codec, **self.reduce_kwargs(unit.name))
         except CommError as e:
             handle = Handle.failed(e)
-        return PendingSync(unit, handle, buffers, self.local_step)
+        return PendingSync(unit, handle, buffers, self.local_step, self._work_tokens())
+
+    def _work_tokens(self) -> dict[int, int] | None:
+        return None if self.work is None else dict(self.work.last)
 
     def finish(self, pending: PendingSync, apply: Callable[[PendingSync], None],
                rollback: Callable[[PendingSync], None] | None = None) -> bool:
@@ -351,19 +415,24 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.remember_center(pending.unit.name, pending.buffers)
         apply(pending)
         self.sync_count += 1
-        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
-                                        [] if pending.handle.op_id is None else [pending.handle.op_id], True))
+        self.sync_log.append(self._sync_record(pending, True))
         self.transport.on_sync_applied(self)  # lets a transport snapshot committed state (joining peers)
         return True
+
+    def _sync_record(self, pending: PendingSync, committed: bool, error: str = "") -> SyncRecord:
+        from ..comm.tokens import token_weights
+
+        tokens = pending.tokens or {}
+        return SyncRecord(pending.name, pending.launch_step, self.local_step,
+                          [] if pending.handle.op_id is None else [pending.handle.op_id], committed, error,
+                          dict(tokens), token_weights(tokens) if tokens else {})
 
     def handle_failure(self, pending: PendingSync, err: CommError,
                        rollback: Callable[[PendingSync], None] | None = None) -> None:
         """Roll a failed sync back, log and count it, refresh membership (or raise if strict)."""
         (rollback or (lambda p: p.unit.reset_locals()))(pending)
         self.failed_syncs += 1
-        self.sync_log.append(SyncRecord(pending.name, pending.launch_step, self.local_step,
-                                        [] if pending.handle.op_id is None else [pending.handle.op_id], False,
-                                        str(err)))
+        self.sync_log.append(self._sync_record(pending, False, str(err)))
         log.warning("sync of %s launched at step %d failed and was rolled back: %s",
                     pending.name, pending.launch_step, err)
         try:
@@ -389,7 +458,10 @@ class OuterOptimizer(torch.optim.Optimizer):
                          "failed_syncs": self.failed_syncs},
             "extra": self.extra_state_dict(),
             **({"centers": {k: list(v) for k, v in self._centers.items()}} if self._centers else {}),
+            **({"work": self.work.state_dict()} if self.work is not None else {}),
         }
+        if self.sharded:  # each rank's state is its own shard: 1/replica_size of the model
+            sd["placement"] = {"replica_size": len(self.transport.replica_ranks)}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -407,6 +479,14 @@ class OuterOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def check_placement(self, saved: dict[str, Any] | None) -> None:
+        """A ValueError unless ``saved`` (a state_dict's "placement") matches how this optimizer is sharded."""
+        mine = {"replica_size": len(self.transport.replica_ranks)} if self.sharded else None
+        if saved != mine:
+            what = lambda p: f"sharded over replicas of {p['replica_size']} ranks" if p else "not sharded"  # noqa: E731
+            raise ValueError(f"the state was saved {what(saved)}, this optimizer is {what(mine)}: each rank's state is "
+                             f"its own shard, so resume with the same replica size and parallelism")
+
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"inner", "units", "counters"} - set(state_dict)
         if missing:
@@ -415,6 +495,7 @@ class OuterOptimizer(torch.optim.Optimizer):
         if len(state_dict["units"]) != len(self.units):
             raise ValueError(f"state has {len(state_dict['units'])} sync units, this optimizer has "
                              f"{len(self.units)}: build it with the same model and settings")
+        self.check_placement(state_dict.get("placement"))
         load_inner(self.inners, state_dict["inner"])
         for u, sd in zip(self.units, state_dict["units"]):
             u.load_state_dict(sd)
@@ -424,3 +505,5 @@ class OuterOptimizer(torch.optim.Optimizer):
         self.failed_syncs = int(c.get("failed_syncs", 0))
         self.load_extra_state_dict(state_dict.get("extra", {}))
         self._centers = {k: [t.detach().clone() for t in v] for k, v in state_dict.get("centers", {}).items()}
+        if self.work is not None:
+            self.work.load_state_dict(state_dict.get("work", {}))

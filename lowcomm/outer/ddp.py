@@ -47,6 +47,8 @@ class DDP(OuterOptimizer):
     so the replicas stay identical), is logged and counted, and membership is refreshed.
     """
 
+    sharding_reason = "inside a replica FSDP reduces the gradients itself; DDP across FSDP replicas is not implemented"
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, codec: Any = None,
                  strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)

@@ -123,6 +123,9 @@ class DeMo(OuterOptimizer):
         aggregate: ``"mean"`` (default) or ``"clip"``, applied per sender at decode.
     """
 
+    sharding_reason = ("its DCT chunks and top-k selection are laid over whole tensors; on FSDP shards they would "
+                       "fall across shard boundaries and change the algorithm")
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, topk: int = 32, chunk: int = 64,
                  decay: float = 0.999, sign: bool = True, weight_decay: float = 0.0, values: str = "bf16",
                  strict: bool = False, timeout: float | None = None, aggregate: Any = "mean"):

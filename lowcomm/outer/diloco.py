@@ -22,8 +22,10 @@ import torch
 
 from ..codecs import wire_codec
 from ..comm.base import Transport
-from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
+from .work import WorkTrigger, sync_schedule
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "FedAvgConfig", "sgd_outer"]
 
@@ -35,12 +37,18 @@ class DiLoCo(OuterOptimizer):
         inner: the inner optimizer (AdamW in the paper).
         transport: where the pseudo-gradients are averaged (``lowcomm.connect()``).
         sync_every: H, inner steps between syncs (paper: 500).
+        sync_tokens: N: instead of ``sync_every`` (leave that at its default), sync when the group's
+            tokens since the last sync reach N, each member's pseudo-gradient weighted by its tokens
+            (:mod:`lowcomm.outer.work`).
+        tokens_per_step: tokens of a step when ``opt.count_tokens(n)`` is not called (``sync_tokens``).
         outer_lr: learning rate of the outer SGD on the global parameters (paper: 0.7).
         outer_momentum: its momentum (paper: 0.9; 0 with ``outer_lr=1`` is FedAvg).
         nesterov: Nesterov momentum for the outer SGD (paper: True).
         outer_optimizer: a factory ``params -> torch.optim.Optimizer`` for the global parameters,
             used instead of the SGD that ``outer_lr``/``outer_momentum``/``nesterov`` describe.
         codec: optional wire codec for the all-reduce (see :mod:`lowcomm.codecs`); None is fp32.
+        anchor_device: where the global weights and outer state live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; see :mod:`.placement`).
         aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
             ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
             :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
@@ -49,30 +57,37 @@ class DiLoCo(OuterOptimizer):
     """
 
     shares_global_state = True
+    supports_sharding = True  # elementwise: exact on each FSDP shard
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 500,
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
-                 outer_optimizer: OuterFactory | None = None, codec: Any = None, strict: bool = False,
-                 timeout: float | None = None, aggregate: Any = "mean"):
+                 outer_optimizer: OuterFactory | None = None, codec: Any = None, anchor_device: Any = None,
+                 strict: bool = False, timeout: float | None = None, aggregate: Any = "mean",
+                 sync_tokens: int | None = None, tokens_per_step: int | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
-        self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
+        self.sync_every = sync_schedule(sync_every, sync_tokens, 500)
+        if sync_tokens is not None:
+            self.work = WorkTrigger(transport, sync_tokens, tokens_per_step)
         self.codec = wire_codec(codec)
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
+        device = resolve_anchor_device(anchor_device)
         self.broadcast_initial()
-        self.units = [SyncUnit(self.params, factory)]
+        self.units = [SyncUnit(self.params, factory, anchor_device=device)]
 
     def after_inner_step(self) -> None:
-        if self.local_step % self.sync_every == 0:
+        if self.work.due() if self.work is not None else self.local_step % self.sync_every == 0:
             self.sync()
 
     @torch.no_grad()
     def sync(self) -> bool:
         """Average pseudo-gradients, step the global parameters, reset the locals. Returns success."""
         unit = self.units[0]
-        # theta := phi - theta, in place (Algorithm 1 line 11); the locals are reset afterwards anyway.
-        for p, a in zip(unit.params, unit.anchors):
-            p.neg_().add_(a)
-        pending = self.launch_reduce(unit, unit.params, codec=self.codec)
+        # theta := phi - theta, in place (Algorithm 1 line 11); the locals are reset afterwards anyway
+        # (offloaded: in a buffer beside the global weights).
+        grads = unit.pseudo_grads()
+        if self.work is not None:
+            self.work.weigh(grads)  # this member's token share (sync_tokens)
+        pending = self.launch_reduce(unit, grads, codec=self.codec)
         return self.finish(pending, self._apply)
 
     @staticmethod
@@ -101,12 +116,19 @@ class DiLoCoConfig(StrategyConfig):
     outer_momentum: float = 0.9  # outer SGD momentum
     nesterov: bool = True  # Nesterov outer momentum
     codec: str | None = None  # wire codec of the all-reduce (lowcomm.codecs spec); None: fp32
+    anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
+    sync_tokens: int | None = None  # N: sync when the group's tokens since the last sync reach N (replaces sync_every)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
-        return DiLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
+        return DiLoCo(inner, transport=transport, outer_lr=self.outer_lr,
                       outer_momentum=self.outer_momentum, nesterov=self.nesterov, codec=self.codec,
-                      aggregate=self.aggregate)
+                      anchor_device=self.anchor_device, aggregate=self.aggregate, **schedule_kwargs(self))
+
+
+def schedule_kwargs(cfg: Any) -> dict[str, Any]:
+    """A config's ``sync_every`` or, when set, its ``sync_tokens`` (which replaces it)."""
+    return {"sync_every": cfg.sync_every} if cfg.sync_tokens is None else {"sync_tokens": cfg.sync_tokens}
 
 
 @dataclass
@@ -115,12 +137,13 @@ class FedAvgConfig(StrategyConfig):
 
     sync_every: int = 500  # H, inner steps between syncs
     codec: str | None = None  # wire codec of the all-reduce; None: fp32
+    anchor_device: str | None = None  # global weights: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> DiLoCo:
         return DiLoCo(inner, transport=transport, sync_every=self.sync_every, aggregate=self.aggregate,
-                      outer_lr=1.0, outer_momentum=0.0,
-                      nesterov=False, codec=self.codec)
+                      outer_lr=1.0, outer_momentum=0.0, nesterov=False, codec=self.codec,
+                      anchor_device=self.anchor_device)
 
 
 register_strategy("diloco", DiLoCoConfig, "DiLoCo: all-reduce of pseudo-gradients every H steps, Nesterov outer SGD")

@@ -78,6 +78,7 @@ import torch
 
 from ..comm.base import RULES, CommError, Handle, Transport
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 from .robust import PartnerScreen
 
@@ -128,16 +129,20 @@ class NoLoCo(OuterOptimizer):
         nesterov: use Nesterov momentum in the stock SGD instead of heavy-ball.
         seed: shared seed of the group draws; must be equal on every worker.
         broadcast_initial: align every worker to the first member's weights at construction.
+        anchor_device: where the global weights and outer momentum live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; the exchanged copies are made there).
         aggregate: any rule but ``"mean"`` turns partner screening on (see the module docstring).
         strict: raise on a failed exchange instead of rolling back.
         timeout: seconds an exchange may wait.
     """
 
+    supports_sharding = True  # elementwise: exact on each FSDP shard (groups are drawn per replica)
+
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 50,
                  group_size: int = 2, outer_lr: float = 0.7, outer_momentum: float = 0.5,
                  consensus_lr: float | None = None, nesterov: bool = False, seed: int = 0,
-                 broadcast_initial: bool = True, strict: bool = False, timeout: float | None = None,
-                 momentum: float | None = None, aggregate: Any = "mean"):
+                 broadcast_initial: bool = True, anchor_device: Any = None, strict: bool = False,
+                 timeout: float | None = None, momentum: float | None = None, aggregate: Any = "mean"):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         self.partner_screen = PartnerScreen(self.aggregate.clip_ratio) if self.aggregate.robust else None
         if momentum is not None:
@@ -159,11 +164,12 @@ class NoLoCo(OuterOptimizer):
             raise ValueError(f"seed must be an integer shared by every worker, got {seed!r}")
         self.seed = seed
         self.last_group: list[int] = []
+        device = resolve_anchor_device(anchor_device)
         if broadcast_initial:
             self.broadcast_initial()
         lr, mu, nest = self.outer_lr, self.outer_momentum, self.nesterov
         self.units = [SyncUnit(self.params, lambda ps: torch.optim.SGD(ps, lr=lr, momentum=mu, dampening=0.0,
-                                                                        nesterov=nest))]
+                                                                        nesterov=nest), anchor_device=device)]
 
     def detections(self) -> list[dict[str, Any]]:
         rejected = [] if self.partner_screen is None else self.partner_screen.rejected
@@ -215,18 +221,18 @@ class NoLoCo(OuterOptimizer):
         self.last_group = group
         # theta travels as is: group_reduce writes mean_G(theta) into the parameters only on
         # success, and the parameters are reset to phi afterwards either way.
-        buffers = list(unit.params)
         check = None
         if self.partner_screen is not None:
-            moved = math.sqrt(sum(float((p.double() - a.double()).pow(2).sum())
-                                  for p, a in zip(unit.params, unit.anchors)))
+            moved = math.sqrt(sum(float((p.double() - a.double().to(p.device)).pow(2).sum())
+                                  for p, a in zip(unit.locals, unit.anchors)))
             check = self.partner_screen.check(me, moved, self.local_step)
         if self.sends_pseudo_grad:
             # theta := phi - theta in place (the sync resets theta anyway): the group averages
             # pseudo-gradients only, as DiLoCo does globally.
-            for p, a in zip(unit.params, unit.anchors):
-                p.neg_().add_(a)
-        elif self.sends_phi:
+            buffers = unit.pseudo_grads()
+        else:  # theta itself (offloaded: a copy beside phi)
+            buffers = list(unit.working_copies())
+        if self.sends_phi:
             buffers += [a.clone() for a in unit.anchors]
         try:
             handle = (self.transport.group_reduce(group, buffers, op="mean") if check is None
@@ -239,7 +245,7 @@ class NoLoCo(OuterOptimizer):
     def _apply(self, pending: PendingSync) -> None:
         unit = pending.unit
         n = len(unit.params)
-        mean_theta = pending.buffers[:n]  # these are the parameters themselves
+        mean_theta = pending.buffers[:n]  # the parameters themselves, or their copies beside phi
         if self.sends_pseudo_grad:
             pass  # the buffers already hold mean_G(phi_j - theta_j), the gradient to step with
         elif self.sends_phi:
@@ -281,12 +287,14 @@ class NoLoCoConfig(StrategyConfig):
     consensus_lr: float | None = None  # gamma; None: outer_lr (only theta travels)
     nesterov: bool = False  # Nesterov instead of heavy-ball outer momentum
     seed: int = 0  # shared seed of the group draws (equal on every worker)
+    anchor_device: str | None = None  # global weights and outer momentum: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
 
     def build(self, inner, transport, model=None) -> NoLoCo:
         return NoLoCo(inner, transport=transport, sync_every=self.sync_every, group_size=self.group_size,
                       outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, consensus_lr=self.consensus_lr,
-                      nesterov=self.nesterov, seed=self.seed, aggregate=self.aggregate)
+                      nesterov=self.nesterov, seed=self.seed, anchor_device=self.anchor_device,
+                      aggregate=self.aggregate)
 
 
 register_strategy("noloco", NoLoCoConfig,

@@ -72,8 +72,11 @@ import torch
 from ..comm.base import CommError, Handle, Transport
 from ..sparse import BINS, TopKCodec
 from .base import OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
+from .diloco import schedule_kwargs
+from .placement import resolve_anchor_device
 from .registry import StrategyConfig, register_strategy
 from .robust import resolve_aggregate, sender_factors
+from .work import WorkTrigger, sync_schedule
 
 __all__ = ["SparseLoCo", "SparseLoCoConfig"]
 
@@ -85,25 +88,35 @@ class SparseLoCo(OuterOptimizer):
         inner: the inner optimizer.
         transport: where the sparse pseudo-gradients are all-gathered.
         sync_every: H, inner steps between syncs (templar: 30).
+        sync_tokens: N: instead of ``sync_every``, sync when the group's tokens since the last sync reach N,
+            each worker's Delta weighted by its tokens before error feedback (:mod:`lowcomm.outer.work`).
+        tokens_per_step: tokens of a step when ``opt.count_tokens(n)`` is not called (``sync_tokens``).
         outer_lr: alpha, the step on ``phi`` with the mean decoded pseudo-gradient (0.6).
         decay: beta, the error buffer's decay in [0, 1] (0.95; 1 keeps every unsent entry).
         topk: k, entries kept per chunk (64; a chunk of <= k entries is sent whole).
         chunk: target chunk edge (64: 64x64 blocks of 2-D weights).
         bins: quantisation levels of the kept values (4: 2 bits; 2, 16, or None for fp32).
         quant_range: width of the quantised range in standard deviations of the kept values (6).
+        anchor_device: where the global weights and error buffers live (None: the parameters' device;
+            "cpu": CPU memory, pinned when CUDA is present; see :mod:`.placement`).
         strict: raise on a failed sync instead of rolling back.
         timeout: seconds a sync may wait.
         aggregate: ``"mean"`` (default) or ``"clip"``, applied per sender at decode.
     """
 
     shares_global_state = True  # phi, the (unstepped) outer state and the sync count; the error buffers differ
+    sharding_reason = ("its top-k chunks are laid over whole tensors; on FSDP shards they would fall across shard "
+                       "boundaries and change the algorithm")
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, sync_every: int = 30,
                  outer_lr: float = 0.6, decay: float = 0.95, topk: int = 64, chunk: int = 64,
-                 bins: int | None = 4, quant_range: float = 6.0, strict: bool = False,
-                 timeout: float | None = None, aggregate: Any = "mean"):
+                 bins: int | None = 4, quant_range: float = 6.0, anchor_device: Any = None, strict: bool = False,
+                 timeout: float | None = None, aggregate: Any = "mean", sync_tokens: int | None = None,
+                 tokens_per_step: int | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
-        self.sync_every = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between syncs")
+        self.sync_every = sync_schedule(sync_every, sync_tokens, 30)
+        if sync_tokens is not None:
+            self.work = WorkTrigger(transport, sync_tokens, tokens_per_step)
         self.outer_lr = check_float("outer_lr", outer_lr, 0.0)
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be > 0 (templar: 0.6), got {outer_lr!r}")
@@ -119,12 +132,14 @@ class SparseLoCo(OuterOptimizer):
         dev = params[0].device
         if any(p.device != dev for p in params):
             raise ValueError("SparseLoCo needs every parameter on one device")
+        device = resolve_anchor_device(anchor_device)
+        dev = device or dev  # lowcomm's state (global weights, error buffers, codec) lives there
         self.codec = TopKCodec([p.shape for p in params], k=self.topk, chunk=self.chunk, bins=bins,
                                quant_range=quant_range, device=dev)
         self.broadcast_initial()
         # The outer optimizer of the unit is never stepped (the update is phi -= alpha * mean, applied
         # in the chunk layout); it is plain SGD with lr alpha, which is what that update is.
-        self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr))]
+        self.units = [SyncUnit(params, lambda ps: torch.optim.SGD(ps, lr=self.outer_lr), anchor_device=device)]
         self._error = torch.zeros(self.codec.numel, dtype=torch.float32, device=dev)
         self._work = torch.zeros_like(self._error)
         self.last_offences: dict[int, str] = {}  # senders screened out at the last decode (position -> why)
@@ -146,7 +161,7 @@ class SparseLoCo(OuterOptimizer):
         return self.codec.payload_bytes()
 
     def after_inner_step(self) -> None:
-        if self.local_step % self.sync_every == 0:
+        if self.work.due() if self.work is not None else self.local_step % self.sync_every == 0:
             self.sync()
 
     @torch.no_grad()
@@ -154,9 +169,11 @@ class SparseLoCo(OuterOptimizer):
         """Compress, all-gather, decode, step ``phi``, reset the locals. Returns whether it committed."""
         unit, codec = self.units[0], self.codec
         with self.compute_guard():
-            for p, a in zip(unit.params, unit.anchors):  # theta := phi - theta (reset after the sync anyway)
-                p.neg_().add_(a)
-            work = codec.to_chunks(unit.params, self._work)  # Delta in the chunk layout ...
+            # theta := phi - theta (reset after the sync anyway; offloaded: beside phi)
+            grads = unit.pseudo_grads()
+            if self.work is not None:  # sync_tokens: Delta weighted by this worker's tokens
+                self.work.weigh(grads)
+            work = codec.to_chunks(grads, self._work)  # Delta in the chunk layout ...
             work.add_(self._error, alpha=self.decay)  # ... + beta * e: the new buffer, beside the old one
             try:
                 payload = codec.encode(work)
@@ -172,7 +189,7 @@ class SparseLoCo(OuterOptimizer):
                 parts, who=f"member {member}'s payload"))
         except CommError as e:  # cannot even start (e.g. no longer a member): fail like in flight
             handle = Handle.failed(e)
-        pending = PendingSync(unit, handle, [], self.local_step)
+        pending = PendingSync(unit, handle, [], self.local_step, self._work_tokens())
         return self.finish(pending, self._apply)
 
     def _apply(self, pending: PendingSync) -> None:
@@ -237,12 +254,14 @@ class SparseLoCoConfig(StrategyConfig):
     chunk: int = 64  # target chunk edge
     bins: int | None = 4  # quantisation levels of the kept values (4: 2 bits; None: fp32)
     quant_range: float = 6.0  # width of the quantised range in standard deviations of the kept values
+    anchor_device: str | None = None  # global weights and error buffers: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # "mean" or "clip" (with knobs, e.g. "clip:clip_ratio=2"), applied per sender at decode
+    sync_tokens: int | None = None  # N: sync when the group's tokens since the last sync reach N (replaces sync_every)
 
     def build(self, inner, transport, model=None) -> SparseLoCo:
-        return SparseLoCo(inner, transport=transport, sync_every=self.sync_every, outer_lr=self.outer_lr,
+        return SparseLoCo(inner, transport=transport, **schedule_kwargs(self), outer_lr=self.outer_lr,
                           decay=self.decay, topk=self.topk, chunk=self.chunk, bins=self.bins,
-                          quant_range=self.quant_range, aggregate=self.aggregate)
+                          quant_range=self.quant_range, anchor_device=self.anchor_device, aggregate=self.aggregate)
 
 
 register_strategy("sparseloco", SparseLoCoConfig,

@@ -47,8 +47,10 @@ import torch
 from ..codecs import ErrorFeedback, wire_codec
 from ..comm.base import CommError, Handle, Transport
 from .base import OuterFactory, OuterOptimizer, PendingSync, SyncUnit, check_float, check_int
-from .diloco import sgd_outer
+from .diloco import schedule_kwargs, sgd_outer
+from .placement import mix_, resolve_anchor_device, sub_
 from .registry import StrategyConfig, register_strategy
+from .work import WorkTrigger, sync_schedule
 
 __all__ = ["StreamingDiLoCo", "StreamingDiLoCoConfig"]
 
@@ -65,6 +67,9 @@ class StreamingDiLoCo(OuterOptimizer):
         transport: where the pseudo-gradients are averaged.
         model: the model, to find its repeated blocks when ``fragments`` is a count > 1.
         sync_every: H, inner steps between two syncs of the same fragment.
+        sync_tokens: N: instead of ``sync_every``, a fragment sync every N / F group tokens, the fragments
+            in turn, each member's pseudo-gradient weighted by its tokens (:mod:`lowcomm.outer.work`).
+        tokens_per_step: tokens of a step when ``opt.count_tokens(n)`` is not called (``sync_tokens``).
         fragments: F (a count; the blocks are split strided) or an explicit list of F module groups.
         overlap: tau, inner steps a fragment's sync stays in flight (0 = applied at once).
         alpha: mixing weight of the local weights when a sync lands (0 = take the global ones).
@@ -74,6 +79,8 @@ class StreamingDiLoCo(OuterOptimizer):
             instead of that SGD.
         error_feedback: carry each fragment's quantization error into its next sync.
         fragment_mode: ``"strided"`` (paper) or ``"sequential"`` when ``fragments`` is a count.
+        anchor_device: where the global weights, outer state, in-flight buffer and error feedback live
+            (None: the parameters' device; "cpu": CPU memory, pinned when CUDA is present).
         aggregate: robust aggregation rule: ``"mean"`` (default, exact), ``"clip"``, ``"trimmed_mean"``,
             ``"centered_clip"``, with knobs as a spec (``"clip:clip_ratio=2"``) or an
             :class:`~lowcomm.comm.aggregate.Aggregate`; see :mod:`lowcomm.comm.aggregate`.
@@ -82,25 +89,29 @@ class StreamingDiLoCo(OuterOptimizer):
     """
 
     shares_global_state = True
+    supports_sharding = True  # elementwise per fragment: exact on each FSDP shard
 
     def __init__(self, inner: torch.optim.Optimizer, *, transport: Transport, model: torch.nn.Module | None = None,
                  sync_every: int = 100, fragments: int | list = 2, overlap: int = 1, alpha: float = 0.5,
                  codec: Any = "e3m0", outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True,
                  outer_optimizer: OuterFactory | None = None, error_feedback: bool = False,
-                 fragment_mode: str = "strided", strict: bool = False, timeout: float | None = None,
-                 aggregate: Any = "mean"):
+                 fragment_mode: str = "strided", anchor_device: Any = None, strict: bool = False,
+                 timeout: float | None = None, aggregate: Any = "mean", sync_tokens: int | None = None,
+                 tokens_per_step: int | None = None):
         super().__init__(inner, transport=transport, strict=strict, timeout=timeout, aggregate=aggregate)
         from ..fragments import split_fragments
 
-        H = check_int("sync_every", sync_every, 1, "it is H, the number of inner steps between two syncs of a "
-                      "fragment")
+        H = sync_schedule(sync_every, sync_tokens, 100)
         groups = split_fragments(model, fragments, params=self.params, mode=fragment_mode)
         F = len(groups)
-        if H % F:
+        if sync_tokens is not None:
+            self.work = WorkTrigger(transport, sync_tokens, tokens_per_step, window=F)
+            self._next_fragment = 0
+        elif H % F:
             raise ValueError(f"sync_every ({H}) must be a multiple of the number of fragments ({F}), so the "
                              f"fragments sync every H/F steps; e.g. sync_every={H - H % F or F}")
         tau = check_int("overlap", overlap, 0, "it is tau, the inner steps a sync stays in flight")
-        if tau >= H // F:
+        if sync_tokens is None and tau >= H // F:
             raise ValueError(f"overlap ({tau}) must be < sync_every / fragments ({H // F}) so that only one fragment "
                              f"is in flight at a time; lower overlap or raise sync_every")
         self.alpha = check_float("alpha", alpha, 0.0, 1.0)
@@ -108,21 +119,22 @@ class StreamingDiLoCo(OuterOptimizer):
         self.codec = wire_codec(codec)
         self.broadcast_initial()
         factory = outer_optimizer or sgd_outer(outer_lr, outer_momentum, nesterov)
-        self.units = [SyncUnit(g, factory, name=f"fragment{i}") for i, g in enumerate(groups)]
-        sizes = [sum(p.numel() for p in g) for g in groups]
+        device = resolve_anchor_device(anchor_device)
+        self.units = [SyncUnit(g, factory, name=f"fragment{i}", anchor_device=device) for i, g in enumerate(groups)]
+        sizes = [sum(p.numel() for p in u.locals) for u in self.units]  # this rank's shard of each fragment
         self.fragment_sizes = sizes
-        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, on
-        # the parameters' device (fragments span one device: split_fragments groups the model's blocks).
-        dev = self.params[0].device
-        if any(q.device != dev for q in self.params):
+        # The in-flight pseudo-gradient: one fp32 buffer the size of the largest fragment, reused, beside
+        # the global weights (fragments span one device: split_fragments groups the model's blocks).
+        if len({q.device for u in self.units for q in u.locals}) > 1:
             raise ValueError("StreamingDiLoCo needs every parameter on one device (its in-flight buffer is shared)")
-        self._buf = torch.zeros(max(sizes), device=dev)
+        dev = self.units[0].anchors[0].device
+        self._buf = torch.zeros(max(max(sizes), 1), device=dev)
         self._ef: list[ErrorFeedback] | None = None
         if error_feedback:
             if self.codec is None:
                 raise ValueError("error_feedback needs a lossy codec (e.g. codec='e3m0'); with fp32 there is no error")
             self._ef = [ErrorFeedback(self.codec, n, device=dev) for n in sizes]
-            self._ef_pending = torch.zeros(max(sizes), device=dev)
+            self._ef_pending = torch.zeros(max(max(sizes), 1), device=dev)
         self._pending: PendingSync | None = None
         self._pending_fragment = -1
 
@@ -141,7 +153,12 @@ class StreamingDiLoCo(OuterOptimizer):
         t = self.local_step
         if self._pending is not None and t >= self._pending.launch_step + self.overlap:
             self._finish()
-        p = self.fragment_due(t)
+        if self.work is not None:  # by tokens: the fragments in turn, one every sync_tokens / F tokens
+            p = self._next_fragment if self.work.due() else None
+            if p is not None:
+                self._next_fragment = (p + 1) % self.num_fragments
+        else:
+            p = self.fragment_due(t)
         if p is not None:
             if self._pending is not None:  # cannot happen with tau < H/F; kept as a guard
                 self._finish()
@@ -161,7 +178,7 @@ class StreamingDiLoCo(OuterOptimizer):
     # ---- one fragment sync ----------------------------------------------------------------------
     def _views(self, unit: SyncUnit) -> list[torch.Tensor]:
         out, off = [], 0
-        for p in unit.params:
+        for p in unit.locals:
             n = p.numel()
             out.append(self._buf[off:off + n].view(p.shape))
             off += n
@@ -174,13 +191,19 @@ class StreamingDiLoCo(OuterOptimizer):
         flat = self._buf[:n]
         views = self._views(unit)
         # Pseudo-gradient phi_p - theta_p (global minus local, points like a gradient), in fp32.
-        torch._foreach_copy_(views, unit.anchors)
-        torch._foreach_sub_(views, [q.to(torch.float32) if q.dtype != torch.float32 else q for q in unit.params])
+        if unit.offloaded:  # formed beside the global weights, chunk by chunk
+            for v, a, q in zip(views, unit.anchors, unit.locals):
+                sub_(v, a, q)
+        else:
+            torch._foreach_copy_(views, unit.anchors)
+            torch._foreach_sub_(views, [q.to(torch.float32) if q.dtype != torch.float32 else q for q in unit.locals])
         if self._ef is not None:
             ef = self._ef[p]
             ef.compensate_(flat)
             # the error of exactly what this worker sends: the all-reduce encodes one shard per member
             ef.residual(flat, shards=len(self.transport.members()), out=self._ef_pending[:n])
+        if self.work is not None:
+            self.work.weigh([flat])
         self._pending_fragment = p
         self._pending = self.launch_reduce(unit, [flat], codec=self.codec)
 
@@ -197,10 +220,14 @@ class StreamingDiLoCo(OuterOptimizer):
         unit.outer_step(grads)
         if self.alpha == 0.0:
             unit.reset_locals()
+        elif unit.offloaded:  # the same merge on the local weights' device, chunk by chunk
+            for q, a in zip(unit.locals, unit.anchors):
+                mix_(q, a, self.alpha)
         else:
             # theta_p = alpha * theta_p + (1 - alpha) * phi_p (Algorithm 2's merge of the landed fragment)
-            torch._foreach_mul_(unit.params, self.alpha)
-            torch._foreach_add_(unit.params, unit.anchors, alpha=1.0 - self.alpha)
+            locs = unit.locals
+            torch._foreach_mul_(locs, self.alpha)
+            torch._foreach_add_(locs, unit.anchors, alpha=1.0 - self.alpha)
         if self._ef is not None:
             self._ef[p].commit()  # the error of what was sent becomes the carried error
 
@@ -214,7 +241,7 @@ class StreamingDiLoCo(OuterOptimizer):
     def extra_state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {"config": {"sync_every": self.sync_every, "fragments": self.num_fragments,
                                          "overlap": self.overlap, "sizes": list(self.fragment_sizes)},
-                              "pending": None,
+                              "pending": None, "next_fragment": getattr(self, "_next_fragment", 0),
                               "error": None if self._ef is None else [ef.error for ef in self._ef]}
         if self._pending is not None:
             p = self._pending_fragment
@@ -244,6 +271,8 @@ class StreamingDiLoCo(OuterOptimizer):
             for ef, e in zip(self._ef, sd["error"]):
                 ef.load_state_dict({"error": e})
         self._pending, self._pending_fragment = None, -1
+        if self.work is not None:
+            self._next_fragment = int(sd.get("next_fragment", 0)) % self.num_fragments
         pend = sd.get("pending")
         if pend is not None:
             p = int(pend["fragment"])
@@ -271,14 +300,16 @@ class StreamingDiLoCoConfig(StrategyConfig):
     nesterov: bool = True  # Nesterov outer momentum
     error_feedback: bool = False  # carry each fragment's quantization error into its next sync
     fragment_mode: str = "strided"  # "strided" (block l in fragment l mod F, the paper's) or "sequential"
+    anchor_device: str | None = None  # global weights and outer state: None (parameters' device) or "cpu"
     aggregate: str = "mean"  # robust aggregation rule spec, e.g. "clip", "trimmed_mean:trim=2" (lowcomm.comm.aggregate)
+    sync_tokens: int | None = None  # N: each fragment syncs every N group tokens (one every N/F; replaces sync_every)
 
     def build(self, inner, transport, model=None) -> StreamingDiLoCo:
-        return StreamingDiLoCo(inner, transport=transport, model=model, sync_every=self.sync_every,
+        return StreamingDiLoCo(inner, transport=transport, model=model, **schedule_kwargs(self),
                                fragments=self.fragments, overlap=self.overlap, alpha=self.alpha, codec=self.codec,
                                outer_lr=self.outer_lr, outer_momentum=self.outer_momentum, nesterov=self.nesterov,
                                error_feedback=self.error_feedback, fragment_mode=self.fragment_mode,
-                               aggregate=self.aggregate)
+                               anchor_device=self.anchor_device, aggregate=self.aggregate)
 
 
 register_strategy("streaming", StreamingDiLoCoConfig,

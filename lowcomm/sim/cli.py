@@ -89,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with an attack: probability per all-reduce that two members recompute a shard (default 0.1)")
     p.add_argument("--max-offences", type=_positive_int, default=3,
                    help="offences after which a member is ejected (default 3)")
+    p.add_argument("--speeds", default=None, metavar="S,S,...",
+                   help="relative compute speed per worker, e.g. 1,1,1,0.33 (default: equal); the clock advances by "
+                        "the slowest worker of each phase; see lowcomm.sim.uneven")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -154,7 +157,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
                      threads=args.threads, bandwidths=bws, latency=args.latency,
                      link_efficiency=args.link_efficiency, step_seconds=args.step_seconds,
                      projection=_projection(args.projection), attackers=args.attackers, attack=args.attack,
-                     audit=args.audit, max_offences=args.max_offences)
+                     audit=args.audit, max_offences=args.max_offences, speeds=args.speeds)
 
 
 def run(names: list[str], cfg: SimConfig, knobs: dict[str, Any], out: str | None, plot: bool = True,
@@ -230,7 +233,8 @@ def main(args: argparse.Namespace) -> int:
             progress.close()
     print()
     print(table(runs, cfg))
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')} and TensorBoard "
+    print(f"\nwrote {os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'loss.png')}, "
+          f"{os.path.join(args.out, 'report.html')} and TensorBoard "
           f"events in {os.path.join(args.out, 'tensorboard')} ({time.monotonic() - t0:.0f} s)")
     sys.stdout.flush()
     return 0

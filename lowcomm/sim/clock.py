@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ClockResult", "CommEvent", "Network", "rounds", "simulate_clock"]
+__all__ = ["ClockResult", "CommEvent", "Network", "Projection", "rounds", "simulate_clock"]
 
 
 def rounds(kind: str, participants: int) -> int:
@@ -121,3 +121,30 @@ def simulate_clock(compute: Sequence[float], events: Sequence[CommEvent]) -> Clo
             t = max(t, done[i])
     total = max([t, *done])
     return ClockResult(total, total_compute, total - total_compute)
+
+
+@dataclass
+class Projection:
+    """A configured device and model size to project wall-clock onto (labelled a projection).
+
+    Compute per worker step is ``6 * params * tokens_per_step / (flops * mfu)`` (forward and
+    backward of a dense transformer); every transfer's bytes are the ledger's bytes of the
+    simulated run scaled by ``params / simulated params`` (each strategy's payload is
+    proportional to the parameter count). The sync schedule is the simulated run's.
+    """
+
+    params: float = 1e9  # parameters of the projected model
+    flops: float = 989e12  # peak FLOP/s of one worker's device (H100 SXM, dense bf16)
+    mfu: float = 0.4  # achieved share of peak
+    tokens_per_step: int = 524288  # tokens per worker step (e.g. 256 sequences of 2048)
+
+    def __post_init__(self) -> None:
+        for name in ("params", "flops", "tokens_per_step"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"projection {name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"projection mfu must be in (0, 1], got {self.mfu!r}")
+
+    @property
+    def step_seconds(self) -> float:
+        return 6.0 * self.params * self.tokens_per_step / (self.flops * self.mfu)

@@ -43,8 +43,9 @@ from ..data import Corpus, load_corpus
 from ..loop import INNER_KEYS, eval_batches, evaluate, lr_factor, resolve_strategy, worker_step
 from ..models import GPT, GPTConfig
 from ..outer.registry import get_strategy
-from .clock import CommEvent, Network, simulate_clock
+from .clock import CommEvent, Network, Projection, simulate_clock
 from .presets import preset
+from .uneven import TokenRun, check_speeds, phase_clock, sync_seconds
 
 __all__ = ["DEFAULT_BANDWIDTHS", "Projection", "RunResult", "SimConfig", "build_knobs", "run_strategy"]
 
@@ -61,33 +62,6 @@ def bandwidth_label(bps: float) -> str:
             v = bps / div
             return f"{v:g}{unit}"
     return f"{bps:g}bit"
-
-
-@dataclass
-class Projection:
-    """A configured device and model size to project wall-clock onto (labelled a projection).
-
-    Compute per worker step is ``6 * params * tokens_per_step / (flops * mfu)`` (forward and
-    backward of a dense transformer); every transfer's bytes are the ledger's bytes of the
-    simulated run scaled by ``params / simulated params`` (each strategy's payload is
-    proportional to the parameter count). The sync schedule is the simulated run's.
-    """
-
-    params: float = 1e9  # parameters of the projected model
-    flops: float = 989e12  # peak FLOP/s of one worker's device (H100 SXM, dense bf16)
-    mfu: float = 0.4  # achieved share of peak
-    tokens_per_step: int = 524288  # tokens per worker step (e.g. 256 sequences of 2048)
-
-    def __post_init__(self) -> None:
-        for name in ("params", "flops", "tokens_per_step"):
-            if not float(getattr(self, name)) > 0:
-                raise ValueError(f"projection {name} must be > 0, got {getattr(self, name)!r}")
-        if not 0 < self.mfu <= 1:
-            raise ValueError(f"projection mfu must be in (0, 1], got {self.mfu!r}")
-
-    @property
-    def step_seconds(self) -> float:
-        return 6.0 * self.params * self.tokens_per_step / (self.flops * self.mfu)
 
 
 @dataclass
@@ -125,6 +99,7 @@ class SimConfig:
     attack: str | None = None  # scale | sign_flip | noise | alie | lying_owner
     max_offences: int = 3  # offences after which a member is ejected for the rest of the run
     audit: float = 0.1  # probability per all-reduce that a shard is recomputed by two other members
+    speeds: Any = None  # relative compute speed per worker, e.g. (1, 1, 1, 0.33) (lowcomm.sim.uneven); None: equal
     warmup: int | None = None  # deprecated spelling of warmup_steps (kept one release)
 
     def __post_init__(self) -> None:
@@ -155,6 +130,7 @@ class SimConfig:
             raise ValueError(f"audit must be a probability in [0, 1], got {self.audit!r}")
         for b in self.bandwidths:
             Network(float(b), self.latency, self.link_efficiency)  # validates
+        self.speeds = check_speeds(self.speeds, self.workers)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -256,7 +232,7 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
     W = cfg.workers
     honest = W - cfg.attackers
     world = LocalWorld(W, cfg.timeout, max_offences=cfg.max_offences, audit=cfg.audit if cfg.attack else 0.0,
-                       seed=cfg.seed,
+                       seed=cfg.seed, speeds=cfg.speeds,
                        adversary=Adversary(cfg.attack, cfg.attackers, W, cfg.seed) if cfg.attack else None)
     shared = _Shared(cfg, W)
     torch.set_num_threads(cfg.threads)
@@ -363,23 +339,31 @@ def run_strategy(name: str, cfg: SimConfig, overrides: dict[str, Any] | None = N
         train_losses: list[float] = []
         shared.barrier.wait(cfg.timeout)
         do_eval(rank, 0, model, float("nan"), False)
-        for step in range(1, cfg.steps + 1):
+        by_tokens = None if opt.work is None else TokenRun(world, cfg.steps, rank)
+        horizon = cfg.steps if by_tokens is None else by_tokens.horizon
+        step = 0
+        while step < cfg.steps if by_tokens is None else not by_tokens.done(transport):
+            step += 1
             x, y = next(stream)
             timer["t"] = 0.0
-            lr = setup.lr * lr_factor(step - 1, steps=cfg.steps, warmup=cfg.warmup_steps,
+            lr = setup.lr * lr_factor(step - 1, steps=horizon, warmup=cfg.warmup_steps,
                                       min_lr_ratio=cfg.min_lr_ratio)
             # the last step lands a sync still in flight (Streaming DiLoCo's last fragment), so the
             # final model has every sync and no collective is left unfinished when the workers stop
             res = worker_step(model, opt, x, y, lr=lr, grad_clip=cfg.grad_clip, compute=lambda: shared.lock,
-                              last=step == cfg.steps)
+                              last=step == cfg.steps and by_tokens is None)
             compute.append(res.compute_seconds + timer["t"])
             train_losses.append(res.loss)
             op_step.extend([step] * (transport.ledger.ops - len(op_step)))
             if on_step is not None and rank == 0:
                 on_step(step)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if by_tokens is None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 recent = train_losses[-cfg.eval_every:]
                 do_eval(rank, step, model, sum(recent) / len(recent), step == cfg.steps)
+        if by_tokens is not None:  # every worker stops after the same sync
+            opt.flush()
+            recent = train_losses[-cfg.eval_every:]
+            do_eval(rank, step, model, sum(recent) / len(recent), True)
         return {
             "compute": compute,
             "sync_log": list(opt.sync_log),
@@ -446,15 +430,26 @@ def _events(result: dict[str, Any], sizes: list[int], net: Network, scale: float
 def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, real) -> RunResult:
     W = len(results)
     sizes = _op_bytes(results)
-    steps = cfg.steps
     # Identical devices: a step's compute is the mean of the W measured times (the spread
     # between workers is measurement noise on a shared machine, not stragglers).
+    steps = min(len(r["compute"]) for r in results)
     compute = [sum(r["compute"][k] for r in results) / W for k in range(steps)]
     if cfg.step_seconds is not None:
         compute = [float(cfg.step_seconds)] * steps
     sim_seconds, util = {}, {}
     for b in cfg.bandwidths:
         net = Network(float(b), cfg.latency, cfg.link_efficiency)
+        if cfg.speeds is not None or any(len(r["compute"]) != steps for r in results):
+            # uneven workers: each phase lasts as long as its slowest worker (lowcomm.sim.uneven)
+            own = [r["compute"] if cfg.step_seconds is None else [float(cfg.step_seconds)] * len(r["compute"])
+                   for r in results]
+            comm = sync_seconds(results[0], sizes[0], net)
+            other = sum(e.seconds for e in _events(results[0], sizes[0], net)) - sum(comm)  # the set-up broadcast
+            total = other + phase_clock(own, [r["sync_log"] for r in results], comm, cfg.speeds or [1.0] * W)
+            sim_seconds[bandwidth_label(b)] = total
+            busy = sum(sum(c) / v for c, v in zip(own, cfg.speeds or [1.0] * W)) / W
+            util[bandwidth_label(b)] = busy / total if total > 0 else 1.0
+            continue
         clocks = [simulate_clock(compute, _events(r, sz, net)) for r, sz in zip(results, sizes)]
         total = max(c.total for c in clocks)
         sim_seconds[bandwidth_label(b)] = total
@@ -481,7 +476,7 @@ def _summarise(name, cfg, knobs, results, shared, eval_model, tokens_per_step, r
     return RunResult(
         strategy=name, knobs={k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                               for k, v in knobs.items()},
-        workers=W, steps=steps, params=params, tokens=steps * tokens_per_step,
+        workers=W, steps=steps, params=params, tokens=sum(len(r["compute"]) for r in results) * tokens_per_step // W,
         final_eval_loss=shared.final["eval_loss"], worst_worker_eval_loss=shared.final["worst"],
         bytes_sent=sum(per_worker) / W, bytes_sent_max=max(per_worker), peak_bytes=peak,
         syncs=max(r["syncs"] for r in results), failed_syncs=max(r["failed"] for r in results),
