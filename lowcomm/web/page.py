@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -80,8 +81,6 @@ def render_page(data: Mapping[str, Any] | None = None, title: str = "lowcomm") -
 
 def write_report(path: str, data: Mapping[str, Any]) -> None:
     """A static ``report.html`` with ``data`` embedded (written atomically)."""
-    import os
-
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(render_page(data, str(data.get("title", "lowcomm"))))

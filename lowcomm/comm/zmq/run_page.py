@@ -67,8 +67,8 @@ class RunPage:
                    st.get("syncs", ""), st.get("rolled_back", ""), st.get("bytes_sent", ""), mem.misses,
                    offences.get(name, 0)]
             rows.append(row + ([mem.addr] if self.show_addresses else []))
-        others = [[n, c] for n, c in sorted(offences.items(), key=lambda kv: -kv[1])
-                  if not any(r[0] == n for r in rows)][:16]
+        shown = {r[0] for r in rows}
+        others = [[n, c] for n, c in sorted(offences.items(), key=lambda kv: -kv[1]) if n not in shown][:16]
         tables = [{"id": "members", "title": "Members", "columns": columns, "rows": rows}]
         if others:
             tables.append({"id": "rejected", "title": "Rejected senders (not members)",
