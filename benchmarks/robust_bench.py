@@ -78,33 +78,36 @@ def sim(args, strategy: str, rule: str, attack: str | None, attackers: int, step
 def choose(args) -> dict[str, Any]:
     steps = args.steps or 150
     rows = []
-    for rule in RULES:
+    rules = list(args.rules)
+    if "mean" not in rules:  # the baseline every row is compared with
+        rows.append(sim(args, "diloco", "mean", None, 0, steps))
+    for rule in rules:
         rows.append(sim(args, "diloco", rule, None, 0, steps))
         for attack in ATTACKS:
             rows.append(sim(args, "diloco", rule, attack, 2, steps))
     base = next(r["final_eval_loss"] for r in rows if r["rule"] == "mean" and r["attack"] == "none")
     print(f"\nDiLoCo, W={args.workers}, 2 attackers, {steps} steps, seed {args.seed}: held-out loss "
           f"(change against mean without attackers)\n")
-    print("| attack | " + " | ".join(RULES) + " |")
-    print("|---|" + "---|" * len(RULES))
+    print("| attack | " + " | ".join(rules) + " |")
+    print("|---|" + "---|" * len(rules))
     verdict = {}
     for attack in ("none", *ATTACKS):
         cells = []
-        for rule in RULES:
+        for rule in rules:
             r = next(x for x in rows if x["rule"] == rule and x["attack"] == attack)
             cells.append(f"{r['final_eval_loss']:.4f} ({100 * (r['final_eval_loss'] / base - 1):+.1f}%)"
                          + (f", ejected {r['ejected']}" if r["ejected"] else ""))
         print(f"| {attack} | " + " | ".join(cells) + " |")
-    for rule in RULES:
+    for rule in rules:
         mine = [x for x in rows if x["rule"] == rule]
         clean = next(x["final_eval_loss"] for x in mine if x["attack"] == "none")
         # lying_owner is the audit's to catch and hurts every rule alike: it does not decide the rule
         worst = max(x["final_eval_loss"] for x in mine if x["attack"] not in ("none", "lying_owner"))
         verdict[rule] = {"clean_vs_mean": clean / base - 1, "worst_vs_clean_mean": worst / base - 1}
-    ok = [r for r in RULES if abs(verdict[r]["clean_vs_mean"]) <= 0.01]
+    ok = [r for r in rules if abs(verdict[r]["clean_vs_mean"]) <= 0.01]
     chosen = min(ok, key=lambda r: verdict[r]["worst_vs_clean_mean"]) if ok else None
     print("\n| rule | no attack vs mean | worst value attack vs mean without attackers |\n|---|---|---|")
-    for rule in RULES:
+    for rule in rules:
         v = verdict[rule]
         print(f"| {rule} | {100 * v['clean_vs_mean']:+.2f}% | {100 * v['worst_vs_clean_mean']:+.1f}% |")
     print(f"\nchosen default: {chosen}")
@@ -219,6 +222,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=("choose", "compare", "lying"), required=True)
     ap.add_argument("--rule", default="mean", help="compare: the chosen rule against mean; lying: the rule in use")
+    ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
+                    help="choose: the rules to run (mean's run without attackers is always made: the baseline)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None, help="default: 150 (choose), 300 (compare)")
     ap.add_argument("--sync-every", type=int, default=None, help="default: each strategy's (50)")
