@@ -139,9 +139,11 @@ def compare(args) -> dict[str, Any]:
     steps = args.steps or 300
     rules = ["mean"] if args.rule == "mean" else ["mean", args.rule]
     rows = []
-    for strategy in ("diloco", "streaming"):
+    for strategy in args.strategies:
         for rule in rules:
             rows.append(sim(args, strategy, rule, None, 0, steps))
+            if rule == "mean" and args.mean_clean_only and len(rules) > 1:
+                continue
             for attack in ATTACKS:
                 for k in (1, 2):
                     rows.append(sim(args, strategy, rule, attack, k, steps))
@@ -149,7 +151,7 @@ def compare(args) -> dict[str, Any]:
           f"(change against the same strategy with mean and no attackers)\n")
     print("| strategy | attack | attackers | " + " | ".join(rules) + " | detections | ejected |")
     print("|---|---|---|" + "---|" * len(rules) + "---|---|")
-    for strategy in ("diloco", "streaming"):
+    for strategy in args.strategies:
         base = next(r["final_eval_loss"] for r in rows if r["strategy"] == strategy and r["rule"] == "mean"
                     and r["attack"] == "none")
         for attack in ("none", *ATTACKS):
@@ -157,7 +159,7 @@ def compare(args) -> dict[str, Any]:
                 sel = {r["rule"]: r for r in rows if r["strategy"] == strategy and r["attack"] == attack
                        and r["attackers"] == k}
                 cells = [f"{sel[u]['final_eval_loss']:.4f} ({100 * (sel[u]['final_eval_loss'] / base - 1):+.1f}%)"
-                         for u in rules]
+                         if u in sel else "not run" for u in rules]
                 last = sel[rules[-1]]
                 print(f"| {strategy} | {attack} | {k} | " + " | ".join(cells)
                       + f" | {last['detections']} | {last['ejected'] or '-'} |")
@@ -224,6 +226,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rule", default="mean", help="compare: the chosen rule against mean; lying: the rule in use")
     ap.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES),
                     help="choose: the rules to run (mean's run without attackers is always made: the baseline)")
+    ap.add_argument("--strategies", nargs="+", choices=("diloco", "streaming"), default=["diloco", "streaming"],
+                    help="compare: the strategies to run")
+    ap.add_argument("--mean-clean-only", action="store_true",
+                    help="compare: run mean only without attackers (its ruin under scale/sign_flip is in the choose "
+                         "phase), to save time")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=None, help="default: 150 (choose), 300 (compare)")
     ap.add_argument("--sync-every", type=int, default=None, help="default: each strategy's (50)")
